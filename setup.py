@@ -1,0 +1,36 @@
+"""tsmux: SOCKS5 and tailscaled's LocalAPI on one Unix socket."""
+
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as readme:
+    longDescription = readme.read()
+
+setup(
+    name="tsmux",
+    version="0.1.0",
+    description="SOCKS5 and tailscaled's LocalAPI on one Unix socket",
+    long_description=longDescription,
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    # twisted/plugins is a namespace directory: no __init__.py may ship there,
+    # or Twisted's own package would be overwritten.
+    packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
+    install_requires=[
+        "twisted>=24.7",
+        "zope.interface>=6",
+        "treq>=24.9",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        "lint": ["ruff>=0.6"],
+        "docs": ["sphinx>=7"],
+    },
+    entry_points={"console_scripts": ["tsmux = tsmux._cli:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Operating System :: POSIX :: Linux",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: Proxy Servers",
+    ],
+)

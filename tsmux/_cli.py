@@ -1,0 +1,43 @@
+"""The C{tsmux} console script: the twistd plugin's options, run in the foreground."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.python import usage
+
+from ._listen import StartupError
+from ._service import Options, buildService
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    Run tsmux until SIGINT/SIGTERM.  Bad options and startup problems are
+    one line on stderr (status 2 and 1), never a traceback.
+    """
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    options = Options()
+    try:
+        options.parseOptions(arguments)
+    except usage.UsageError as error:
+        sys.stderr.write(f"tsmux: {error}\nTry 'tsmux --help' for the options.\n")
+        raise SystemExit(2) from None
+
+    from twisted.internet import reactor
+
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    try:
+        tsmux = buildService(options.toConfig(), reactor)
+        tsmux.privilegedStartService()
+        tsmux.startService()
+    except StartupError as error:
+        sys.stderr.write(f"tsmux: {error}\n")
+        raise SystemExit(1) from None
+    reactor.addSystemEventTrigger("before", "shutdown", tsmux.stopService)
+    reactor.run()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,328 @@
+"""
+The ways out: L{LocalAPIDialer} (tailscaled's C{ts-dial} upgrade, the
+default) and L{DirectDialer} (TCP from this host).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    UNIXClientEndpoint,
+)
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._errors import (
+    DialError,
+    DialRefusedByPolicy,
+    DialTimeout,
+    HostUnreachable,
+    LocalAPIUnreachable,
+    dialErrorFromFailure,
+    dialErrorFromLocalAPI,
+    failureReason,
+)
+from ._http import HTTPParseError, ResponseHead, parseResponseHead
+from ._interfaces import IDialer, IUpstream
+from ._relay import HeldConnection, quietConnect
+
+DialSelfPolicy = Literal["refuse", "direct"]
+DEFAULT_DIAL_TIMEOUT = 10.0
+_MAX_ERROR_BODY = 64 * 1024
+
+# A host is an IP literal or a DNS name; anything else (spaces, CR/LF, other
+# controls) must never reach a header or a resolver.
+_HOST_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,255}$")
+
+
+def _checkTarget(host: str, port: int) -> None:
+    if not _HOST_RE.match(host):
+        raise HostUnreachable(f"not a valid host name: {host!r}")
+    if not 0 < port <= 0xFFFF:
+        raise HostUnreachable(f"not a valid port: {port}")
+
+
+def _asDialError(failure: Failure) -> Failure:
+    return Failure(dialErrorFromFailure(failure))
+
+
+def _bounded(
+    reactor: IReactorTime, deferred: defer.Deferred[IUpstream], timeout: float, what: str
+) -> defer.Deferred[IUpstream]:
+    """Bound C{deferred} by C{timeout} seconds and map every failure to a L{DialError}."""
+
+    def timedOut(result: object, timeout: float) -> object:
+        raise DialTimeout(f"{what}: no answer within {timeout:g} s")
+
+    deferred.addTimeout(timeout, reactor, onTimeoutCancel=timedOut)
+    return deferred.addErrback(_asDialError)
+
+
+@implementer(IDialer)
+class DirectDialer:
+    """
+    TCP from this host, as this process.  Names are resolved here (with the
+    host's resolver, not MagicDNS); used without tailscaled, for Dial-Self
+    answers when so configured, and as a reference in tests and benchmarks.
+    """
+
+    description = "direct"
+
+    def __init__(self, reactor: IReactorTime, timeout: float = DEFAULT_DIAL_TIMEOUT) -> None:
+        self._reactor = reactor
+        self._timeout = timeout
+
+    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+        try:
+            _checkTarget(host, port)
+        except DialError as error:
+            return defer.fail(error)
+        endpoint = _tcpEndpoint(self._reactor, host.strip("[]"), port, self._timeout)
+        connecting = quietConnect(endpoint, HeldConnection())
+        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port}")
+
+
+def _tcpEndpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """
+    An IP literal gets a plain TCP endpoint: L{HostnameEndpoint} would add
+    its 0.3 s attempt delay to every refused connection.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 4:
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+
+
+@dataclass(frozen=True)
+class _DialSelf:
+    """tailscaled's "dial it yourself" answer (≥ 1.98): the target is not on the tailnet."""
+
+    address: str
+
+
+class LocalAPIHealth:
+    """
+    Says once when tailscaled's LocalAPI becomes unreachable and once when it
+    is back, instead of a warning per connection.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, socksUsesIt: bool = True) -> None:
+        self.path = path
+        self.socksUsesIt = socksUsesIt
+        self.reachable: bool | None = None
+
+    def succeeded(self) -> None:
+        if self.reachable is False:
+            self.log.info("tailscaled's LocalAPI at {path} is reachable again", path=self.path)
+        self.reachable = True
+
+    def failed(self, reason: str) -> None:
+        if self.reachable is not False:
+            consequence = (
+                "SOCKS5 dials through it fail with reply 01 and LocalAPI requests get HTTP 502"
+                if self.socksUsesIt
+                else "LocalAPI requests get HTTP 502"
+            )
+            self.log.warn(
+                "tailscaled's LocalAPI at {path} is unreachable ({reason}); {consequence} until it is back",
+                path=self.path,
+                reason=reason,
+                consequence=consequence,
+            )
+        self.reachable = False
+
+
+def buildDialRequest(host: str, port: int) -> bytes:
+    """The C{ts-dial} upgrade request, as C{tailscale nc} sends it."""
+    return (
+        "POST /localapi/v0/dial HTTP/1.1\r\n"
+        "Host: local-tailscaled.sock\r\n"
+        # lower case: tailscaled's check of this header is case-sensitive
+        "Connection: upgrade\r\n"
+        "Upgrade: ts-dial\r\n"
+        f"Dial-Host: {host}\r\n"
+        f"Dial-Port: {port}\r\n"
+        "Dial-Network: tcp\r\n"
+        "\r\n"
+    ).encode("ascii")
+
+
+class TsDialProtocol(HeldConnection):
+    """
+    Speaks the C{ts-dial} upgrade on a LocalAPI connection.  On C{101} it
+    becomes the upstream itself (a L{HeldConnection}), with the bytes after
+    the response head held for the relay.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self._request = buildDialRequest(host, port)
+        self._buffer = b""
+        self._head: ResponseHead | None = None
+        self._bodyLength: int | None = None
+        self.answered: defer.Deferred[object] = defer.Deferred(self._cancel)
+
+    def _cancel(self, deferred: defer.Deferred[object]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered.called:
+            super().dataReceived(data)
+            return
+        self._buffer += data
+        if self._head is None:
+            try:
+                parsed = parseResponseHead(self._buffer)
+            except HTTPParseError as error:
+                self._fail(DialError(f"tailscaled's LocalAPI answered the dial with garbage: {error}"))
+                return
+            if parsed is None:
+                return
+            self._head, used = parsed
+            self._buffer = self._buffer[used:]
+            if self._head.status == 101:
+                self._held = [self._buffer] if self._buffer else []
+                self._buffer = b""
+                self.answered.callback(self)
+                return
+            try:
+                self._bodyLength = self._head.contentLength()
+            except HTTPParseError as error:
+                self._fail(DialError(f"tailscaled's LocalAPI answered the dial with garbage: {error}"))
+                return
+        if self._bodyLength is not None and len(self._buffer) >= self._bodyLength:
+            self._answerWithoutUpgrade()
+        elif len(self._buffer) > _MAX_ERROR_BODY:
+            self._answerWithoutUpgrade()
+
+    def _answerWithoutUpgrade(self) -> None:
+        head = self._head
+        assert head is not None
+        body = self._buffer[: self._bodyLength if self._bodyLength is not None else _MAX_ERROR_BODY]
+        dialSelf = head.header("Dial-Self")
+        if head.status == 200 and dialSelf is not None and dialSelf.lower() == "true":
+            self.answered.callback(_DialSelf(head.header("Dial-Addr") or ""))
+            self.transport.loseConnection()
+            return
+        text = body.decode("utf-8", "replace")
+        self._fail(dialErrorFromLocalAPI(head.status, text))
+
+    def _fail(self, error: DialError) -> None:
+        if not self.answered.called:
+            self.answered.errback(error)
+        self.transport.loseConnection()
+
+    def readConnectionLost(self) -> None:
+        if self.answered.called:
+            super().readConnectionLost()
+            return
+        self._endedBeforeAnswer()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.answered.called:
+            super().connectionLost(reason)
+            return
+        self._endedBeforeAnswer()
+
+    def _endedBeforeAnswer(self) -> None:
+        if self.answered.called:
+            return
+        if self._head is not None:
+            # A body framed by the connection's end.
+            self._bodyLength = None
+            self._answerWithoutUpgrade()
+        else:
+            self.answered.errback(DialError("tailscaled's LocalAPI closed the connection without answering the dial"))
+
+
+@implementer(IDialer)
+class LocalAPIDialer:
+    """
+    Dials through tailscaled with C{POST /localapi/v0/dial} and the
+    C{ts-dial} upgrade, one LocalAPI connection per dial, exactly as
+    C{tailscale nc} does.  Names go to tailscaled unresolved, so MagicDNS
+    names work.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        socketPath: str,
+        dialSelf: DialSelfPolicy = "refuse",
+        timeout: float = DEFAULT_DIAL_TIMEOUT,
+        selfDialer: IDialer | None = None,
+        health: LocalAPIHealth | None = None,
+    ) -> None:
+        if dialSelf not in ("refuse", "direct"):
+            raise ValueError(f"dialSelf must be 'refuse' or 'direct', not {dialSelf!r}")
+        self._reactor = reactor
+        self.socketPath = socketPath
+        self.dialSelf = dialSelf
+        self._timeout = timeout
+        self._selfDialer = selfDialer if selfDialer is not None else DirectDialer(reactor, timeout)
+        self.health = health if health is not None else LocalAPIHealth(socketPath)
+        self.description = f"localapi:{socketPath}"
+
+    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+        try:
+            _checkTarget(host, port)
+        except DialError as error:
+            return defer.fail(error)
+        endpoint = UNIXClientEndpoint(self._reactor, self.socketPath, timeout=self._timeout)
+        protocol = TsDialProtocol(host, port)
+        connecting = quietConnect(endpoint, protocol)
+        connecting.addCallbacks(self._connected, self._unreachable)
+        connecting.addCallback(self._answered, host, port)
+        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port} via tailscaled")
+
+    def _connected(self, protocol: TsDialProtocol) -> defer.Deferred[object]:
+        self.health.succeeded()
+        return protocol.answered
+
+    def _unreachable(self, failure: Failure) -> Failure:
+        if failure.check(defer.CancelledError):
+            return failure
+        reason = failureReason(failure)
+        self.health.failed(reason)
+        return Failure(LocalAPIUnreachable(f"tailscaled's LocalAPI at {self.socketPath} is unreachable: {reason}"))
+
+    def _answered(self, result: object, host: str, port: int) -> object:
+        if not isinstance(result, _DialSelf):
+            return result
+        if self.dialSelf == "direct":
+            target = _splitAddress(result.address) or (host, port)
+            return self._selfDialer.dial(*target)
+        raise DialRefusedByPolicy(
+            f"tailscaled answered Dial-Self: {host}:{port} is not on the tailnet and --dial-self=refuse"
+        )
+
+
+def _splitAddress(address: str) -> tuple[str, int] | None:
+    """C{"1.2.3.4:80"} or C{"[::1]:80"} → host, port; C{None} if unusable."""
+    host, colon, port = address.rpartition(":")
+    if not colon or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)

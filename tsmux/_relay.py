@@ -1,0 +1,216 @@
+"""
+Handing transports between protocols, and the two-way relay.
+
+There is no wrapper layer in the data path: after protocol detection the
+chosen protocol becomes C{transport.protocol} (Twisted's TCP and Unix
+transports look the protocol up on every event, as TLS start does), and a
+relay end is just a protocol whose C{dataReceived} writes to the other
+transport.  Flow control is Twisted's producer/consumer: each transport is
+the other's streaming producer, so a slow reader pauses the fast writer and
+tsmux holds about one read chunk per direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import (
+    IAddress,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IStreamClientEndpoint,
+    ITransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._interfaces import IUpstream
+
+_P = TypeVar("_P", bound=IProtocol)
+
+
+def switchProtocol(transport: ITransport, protocol: IProtocol, buffered: bytes = b"") -> None:
+    """
+    Make C{protocol} the owner of C{transport} and replay C{buffered}, the
+    bytes the previous owner read but did not consume.
+    """
+    transport.protocol = protocol  # type: ignore[attr-defined]
+    protocol.makeConnection(transport)
+    if buffered:
+        protocol.dataReceived(buffered)
+
+
+class _OneShotFactory(Factory):
+    """Hands out one prepared protocol, without a log line per connection."""
+
+    noisy = False
+
+    def __init__(self, protocol: IProtocol) -> None:
+        self._protocol = protocol
+
+    def buildProtocol(self, addr: IAddress) -> IProtocol:
+        return self._protocol
+
+
+def quietConnect(endpoint: IStreamClientEndpoint, protocol: _P) -> Deferred[_P]:
+    """L{twisted.internet.endpoints.connectProtocol} without its two log lines per connection."""
+    return endpoint.connect(_OneShotFactory(protocol))  # type: ignore[return-value]
+
+
+@implementer(IUpstream, IHalfCloseableProtocol)
+class HeldConnection(Protocol):
+    """
+    Owns a freshly connected transport until somebody L{attach}es, holding
+    what arrives meanwhile (bytes, EOF, loss) so it can be replayed.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []
+        self._heldEOF = False
+        self._heldLoss: Failure | None = None
+        self.attached = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self._held.append(data)
+
+    def readConnectionLost(self) -> None:
+        self._heldEOF = True
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._heldLoss = reason
+
+    def takeHeld(self) -> bytes:
+        """Remove and return the bytes held so far."""
+        data = b"".join(self._held)
+        self._held = []
+        return data
+
+    def attach(self, protocol: IProtocol) -> None:
+        if self.attached:
+            raise RuntimeError("an upstream can be attached once")
+        self.attached = True
+        switchProtocol(self.transport, protocol, self.takeHeld())
+        if self._heldEOF:
+            halfCloseable = IHalfCloseableProtocol(protocol, None)
+            if halfCloseable is not None:
+                halfCloseable.readConnectionLost()
+            else:
+                self.transport.loseConnection()
+        if self._heldLoss is not None:
+            protocol.connectionLost(self._heldLoss)
+
+    def abort(self) -> None:
+        self.transport.abortConnection()
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayEnd(Protocol):
+    """One side of a L{Relay}: what it reads goes to the other side's transport."""
+
+    peer: RelayEnd
+
+    def __init__(self, relay: Relay, name: str) -> None:
+        self.relay = relay
+        self.name = name
+        self.bytesReceived = 0
+        self.readDone = False
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytesReceived += len(data)
+        self.peer.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.relay._readDone(self)
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.relay._endLost(self, reason)
+
+
+class Relay:
+    """
+    Joins a client transport and an upstream both ways, keeping half-close:
+    EOF from one side becomes a write shutdown toward the other, and the
+    relay ends when both directions are done or either side is lost.
+
+    @ivar client: the client side's L{RelayEnd}; C{client.bytesReceived}
+        counts bytes sent by the client (including those handed in at
+        L{start}).
+    @ivar upstream: the upstream side's L{RelayEnd}.
+    """
+
+    def __init__(self, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
+        self.client = RelayEnd(self, "client")
+        self.upstream = RelayEnd(self, "upstream")
+        self.client.peer = self.upstream
+        self.upstream.peer = self.client
+        self._onFinished = onFinished
+        self.finished = False
+        self.failure: Failure | None = None
+
+    def start(
+        self,
+        clientTransport: ITransport,
+        upstream: IUpstream,
+        clientBuffered: bytes = b"",
+        clientEOF: bool = False,
+    ) -> None:
+        """
+        Take over C{clientTransport} and C{upstream}.
+
+        @param clientBuffered: bytes the client sent before the relay
+            started (SOCKS5 optimistic data, an HTTP request head); they go
+            upstream first.
+        @param clientEOF: the client already shut down its write side.
+        """
+        switchProtocol(clientTransport, self.client)
+        upstream.attach(self.upstream)
+        if not (self.client.lost or self.upstream.lost):
+            if not self.upstream.readDone:
+                clientTransport.registerProducer(self.upstream.transport, True)
+            self.upstream.transport.registerProducer(clientTransport, True)
+        if clientBuffered:
+            self.client.dataReceived(clientBuffered)
+        if clientEOF and not self.client.readDone:
+            self._readDone(self.client)
+        if not self.client.lost:
+            clientTransport.resumeProducing()
+
+    def _readDone(self, end: RelayEnd) -> None:
+        if end.readDone:
+            return
+        end.readDone = True
+        if not end.peer.lost:
+            peerTransport = end.peer.transport
+            # Unregister first: a paused streaming producer would otherwise be
+            # resumed (re-reading a closed socket) instead of the shutdown.
+            if getattr(peerTransport, "producer", None) is end.transport:
+                peerTransport.unregisterProducer()
+            peerTransport.loseWriteConnection()
+        if self.client.readDone and self.upstream.readDone:
+            for each in (self.client, self.upstream):
+                if not each.lost:
+                    each.transport.loseConnection()
+
+    def _endLost(self, end: RelayEnd, reason: Failure) -> None:
+        if end.lost:
+            return
+        end.lost = True
+        if self.failure is None and not reason.check(ConnectionDone):
+            self.failure = reason
+        if not end.peer.lost and end.peer.transport is not None:
+            end.peer.transport.loseConnection()
+        if self.client.lost and self.upstream.lost and not self.finished:
+            self.finished = True
+            if self._onFinished is not None:
+                self._onFinished(self, reason)

@@ -1,0 +1,365 @@
+"""
+The server side: one listening socket, two protocols.
+
+L{MuxProtocol} owns a new connection until its first bytes say what it is,
+then hands the transport (and the bytes read so far) to
+L{SOCKS5ServerProtocol} or L{LocalAPIPassthrough}; those hand it on to a
+L{Relay} once the way out is connected.  A L{ConnectionRecord} follows the
+connection through every owner and writes its single log line at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._detect import SOCKS4_REJECTED, detect
+from ._detect import Protocol as Detected
+from ._dialers import LocalAPIHealth
+from ._errors import dialErrorFromFailure, failureReason
+from ._http import buildSimpleResponse
+from ._interfaces import IDialer, IUpstream
+from ._peercred import PeerCredentials, peerCredentials
+from ._relay import HeldConnection, Relay, quietConnect, switchProtocol
+from ._socks5 import (
+    Close,
+    ConnectRequested,
+    CredentialsReceived,
+    Reply,
+    SendBytes,
+    SOCKS5ServerCodec,
+    buildReply,
+)
+
+_connectionLog = Logger(namespace="tsmux.connection")
+
+PENDING_LIMIT = 64 * 1024
+"""Bytes a client may send before its way out is connected; past this we stop reading."""
+
+
+class ConnectionRecord:
+    """
+    What happened on one client connection, logged as one structured line
+    when it ends (C{log_format} reads well as text; the fields are there for
+    a JSON observer).
+    """
+
+    def __init__(self, clock: IReactorTime, peer: PeerCredentials | None, onFinished: Any = None) -> None:
+        self._clock = clock
+        self.peer = peer
+        self.started = clock.seconds()
+        self.protocol = "undetected"
+        self.target: str | None = None
+        self.bytesFromClient = 0
+        self.bytesToClient = 0
+        self.outcome: str | None = None
+        self.detail = ""
+        self._onFinished = onFinished
+
+    @property
+    def finished(self) -> bool:
+        return self.outcome is not None
+
+    def finish(self, outcome: str, detail: str = "") -> None:
+        """Record the ending and log it; later calls are ignored."""
+        if self.outcome is not None:
+            return
+        self.outcome = outcome
+        self.detail = detail
+        duration = self._clock.seconds() - self.started
+        _connectionLog.info(
+            "{protocol} {peer} target={target} up={bytesFromClient} down={bytesToClient} "
+            "{duration:.3f}s {outcome}{separator}{detail}",
+            protocol=self.protocol,
+            peer=str(self.peer) if self.peer is not None else "peer=?",
+            target=self.target or "-",
+            bytesFromClient=self.bytesFromClient,
+            bytesToClient=self.bytesToClient,
+            duration=duration,
+            outcome=outcome,
+            separator=": " if detail else "",
+            detail=detail,
+            pid=self.peer.pid if self.peer else None,
+            uid=self.peer.uid if self.peer else None,
+            gid=self.peer.gid if self.peer else None,
+        )
+        if self._onFinished is not None:
+            self._onFinished(self)
+
+
+class MuxFactory(Factory):
+    """
+    Builds a L{MuxProtocol} per accepted connection and holds what they
+    share: the reactor, the dialer, the LocalAPI path and the timeouts.
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        dialer: IDialer,
+        localapiPath: str,
+        detectTimeout: float = 15.0,
+        connectTimeout: float = 10.0,
+        health: LocalAPIHealth | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.dialer = dialer
+        self.localapiPath = localapiPath
+        self.detectTimeout = detectTimeout
+        self.connectTimeout = connectTimeout
+        self.health = health if health is not None else LocalAPIHealth(localapiPath)
+        self.openConnections: set[ConnectionRecord] = set()
+
+    def buildProtocol(self, addr: IAddress) -> MuxProtocol:
+        return MuxProtocol(self)
+
+    def _opened(self, record: ConnectionRecord) -> None:
+        self.openConnections.add(record)
+
+    def _closed(self, record: ConnectionRecord) -> None:
+        self.openConnections.discard(record)
+
+
+class MuxProtocol(Protocol):
+    """Owns a new connection until its first bytes show its protocol."""
+
+    def __init__(self, mux: MuxFactory) -> None:
+        self._mux = mux
+        self._buffer = b""
+        self._timer: IDelayedCall | None = None
+        self._handedOff = False
+        self.record: ConnectionRecord
+
+    def connectionMade(self) -> None:
+        self.record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux._closed)
+        self._mux._opened(self.record)
+        self._timer = self._mux.reactor.callLater(self._mux.detectTimeout, self._timedOut)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        verdict = detect(self._buffer)
+        if verdict is None:
+            return
+        self._cancelTimer()
+        buffered, self._buffer = self._buffer, b""
+        next: Protocol
+        if verdict.protocol is Detected.SOCKS5:
+            self.record.protocol = "socks5"
+            next = SOCKS5ServerProtocol(self._mux, self.record)
+        elif verdict.protocol is Detected.HTTP:
+            self.record.protocol = "localapi"
+            next = LocalAPIPassthrough(self._mux, self.record)
+        else:
+            self.record.protocol = "rejected"
+            if verdict.protocol is Detected.SOCKS4:
+                self.transport.write(SOCKS4_REJECTED)
+            self.record.bytesFromClient = len(buffered)
+            self.record.finish("client-error", f"neither SOCKS5 nor HTTP: {verdict.description}")
+            self.transport.loseConnection()
+            return
+        self._handedOff = True
+        switchProtocol(self.transport, next, buffered)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.record.bytesFromClient = len(self._buffer)
+        self.record.finish("timeout", f"no protocol shown within {self._mux.detectTimeout:g} s")
+        self.transport.abortConnection()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancelTimer()
+        if not self._handedOff:
+            self.record.bytesFromClient = len(self._buffer)
+            self.record.finish("client-closed", "closed before showing a protocol")
+
+
+class _WaitingForUpstream(Protocol):
+    """
+    Shared by the two front ends: holds what the client sends while the way
+    out is being connected (pausing past L{PENDING_LIMIT}), notices the client
+    leaving, and starts the relay when the upstream is there.
+    """
+
+    def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
+        self._mux = mux
+        self.record = record
+        self._pending: list[bytes] = []
+        self._pendingSize = 0
+        self._clientEOF = False
+        self._lost = False
+        self._waiting: defer.Deferred[IUpstream] | None = None
+
+    def _hold(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pendingSize += len(data)
+        if self._pendingSize > PENDING_LIMIT:
+            self.transport.pauseProducing()
+
+    def _waitFor(self, upstream: defer.Deferred[IUpstream]) -> None:
+        self._waiting = upstream
+        upstream.addCallbacks(self._upstreamReady, self._upstreamFailed)
+        upstream.addErrback(self._bug)
+
+    def _bug(self, failure: Failure) -> None:
+        self.record.finish("internal-error", failure.getErrorMessage())
+        Logger().failure("tsmux bug while connecting", failure)
+        self.transport.abortConnection()
+
+    def _upstreamReady(self, upstream: IUpstream) -> None:
+        self._waiting = None
+        if self._lost:
+            upstream.abort()
+            return
+        self._beforeRelay(upstream)
+        relay = Relay(self._relayFinished)
+        pending = b"".join(self._pending)
+        self._pending = []
+        relay.start(self.transport, upstream, pending, self._clientEOF)
+
+    def _beforeRelay(self, upstream: IUpstream) -> None:
+        """Say success to the client, if the protocol has a way to."""
+
+    def _upstreamFailed(self, failure: Failure) -> None:
+        self._waiting = None
+        if self._lost:
+            return
+        self._answerFailure(failure)
+        self.transport.loseConnection()
+
+    def _answerFailure(self, failure: Failure) -> None:
+        raise NotImplementedError
+
+    def _relayFinished(self, relay: Relay, reason: Failure) -> None:
+        self.record.bytesFromClient = relay.client.bytesReceived
+        self.record.bytesToClient += relay.upstream.bytesReceived
+        if relay.failure is not None:
+            self.record.finish("error", relay.failure.getErrorMessage())
+        else:
+            self.record.finish("ok")
+
+    def readConnectionLost(self) -> None:
+        if self._waiting is not None:
+            self._clientEOF = True
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._lost = True
+        self.record.bytesFromClient = max(self.record.bytesFromClient, self._pendingSize)
+        if self._waiting is not None:
+            self.record.finish("client-closed", "client left while the way out was being connected")
+            self._waiting.cancel()
+        else:
+            self.record.finish("client-closed", "client left during the handshake")
+
+
+@implementer(IHalfCloseableProtocol)
+class SOCKS5ServerProtocol(_WaitingForUpstream):
+    """RFC 1928 server: no-auth, CONNECT only, dialed through the mux's L{IDialer}."""
+
+    def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
+        super().__init__(mux, record)
+        self._codec = SOCKS5ServerCodec()
+        self._handshakeBytes = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._waiting is not None:
+            self._hold(data)
+            return
+        self._handshakeBytes += len(data)
+        for event in self._codec.receive(data):
+            if isinstance(event, SendBytes):
+                self.transport.write(event.data)
+                self.record.bytesToClient += len(event.data)
+            elif isinstance(event, Close):
+                self.record.bytesFromClient = self._handshakeBytes
+                self.record.finish("client-error", event.reason)
+                self.transport.loseConnection()
+                return
+            elif isinstance(event, ConnectRequested):
+                self._connect(event)
+                return
+            elif isinstance(event, CredentialsReceived):  # pragma: no cover - no auth offered yet
+                self.transport.loseConnection()
+                return
+
+    def _connect(self, event: ConnectRequested) -> None:
+        request = event.request
+        host = f"[{request.host}]" if ":" in request.host else request.host
+        self.record.target = f"{host}:{request.port}"
+        if event.buffered:
+            self._hold(event.buffered)
+        self._waitFor(self._mux.dialer.dial(request.host, request.port))
+
+    def _beforeRelay(self, upstream: IUpstream) -> None:
+        bound = upstream.transport.getHost()
+        if isinstance(bound, (IPv4Address, IPv6Address)):
+            reply = buildReply(Reply.SUCCEEDED, bound.host, bound.port)
+        else:
+            reply = buildReply(Reply.SUCCEEDED)
+        self.transport.write(reply)
+        self.record.bytesToClient += len(reply)
+
+    def _answerFailure(self, failure: Failure) -> None:
+        error = dialErrorFromFailure(failure)
+        reply = buildReply(error.reply)
+        self.transport.write(reply)
+        self.record.bytesToClient += len(reply)
+        self.record.bytesFromClient = self._pendingSize
+        self.record.finish(f"dial-error reply={error.reply:#04x} {error.kind}", error.reason)
+
+    def readConnectionLost(self) -> None:
+        if self._waiting is None:
+            self.record.bytesFromClient = self._handshakeBytes
+            self.record.finish("client-closed", "client shut down its side during the handshake")
+        super().readConnectionLost()
+
+
+@implementer(IHalfCloseableProtocol)
+class LocalAPIPassthrough(_WaitingForUpstream):
+    """
+    HTTP to tailscaled's LocalAPI, byte for byte: a new LocalAPI connection
+    per client connection, nothing parsed or rewritten, so keep-alive,
+    pipelining, chunked bodies, long polls and upgrades all just work.
+    """
+
+    def connectionMade(self) -> None:
+        endpoint = UNIXClientEndpoint(self._mux.reactor, self._mux.localapiPath, timeout=self._mux.connectTimeout)
+        connecting = quietConnect(endpoint, HeldConnection())
+        connecting.addCallback(self._reachable)
+        self._waitFor(connecting)
+
+    def _reachable(self, upstream: HeldConnection) -> HeldConnection:
+        self._mux.health.succeeded()
+        return upstream
+
+    def dataReceived(self, data: bytes) -> None:
+        self._hold(data)
+
+    def _answerFailure(self, failure: Failure) -> None:
+        reason = failureReason(failure)
+        self._mux.health.failed(reason)
+        body = f"tsmux: tailscaled's LocalAPI at {self._mux.localapiPath} is unreachable: {reason}\n"
+        response = buildSimpleResponse(502, "Bad Gateway", body)
+        self.transport.write(response)
+        self.record.bytesToClient += len(response)
+        self.record.bytesFromClient = self._pendingSize
+        self.record.finish("localapi-unreachable", reason)

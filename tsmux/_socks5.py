@@ -1,0 +1,444 @@
+"""
+A sans-IO SOCKS5 codec (RFC 1928, plus the RFC 1929 username/password
+sub-negotiation).
+
+Nothing here touches a transport: parsers take the bytes received so far and
+return either L{NEED_MORE}, or a message together with the number of bytes it
+used; builders return the bytes to send.  Both roles are covered so that the
+server in L{tsmux._server} and a future upstream-SOCKS5 dialer or client
+endpoint share one implementation.
+
+Malformed input raises L{SOCKS5ProtocolError}, which carries the reply code a
+server should answer with (when an answer is possible at all).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Final, Literal, Union
+
+VERSION: Final = 0x05
+AUTH_VERSION: Final = 0x01
+
+
+class Method(IntEnum):
+    """Authentication methods offered in the greeting."""
+
+    NO_AUTH = 0x00
+    GSSAPI = 0x01
+    USERNAME_PASSWORD = 0x02
+    NO_ACCEPTABLE = 0xFF
+
+
+class Command(IntEnum):
+    CONNECT = 0x01
+    BIND = 0x02
+    UDP_ASSOCIATE = 0x03
+
+
+class AddressType(IntEnum):
+    IPV4 = 0x01
+    DOMAIN = 0x03
+    IPV6 = 0x04
+
+
+class Reply(IntEnum):
+    """Reply codes, RFC 1928 section 6."""
+
+    SUCCEEDED = 0x00
+    GENERAL_FAILURE = 0x01
+    NOT_ALLOWED = 0x02
+    NETWORK_UNREACHABLE = 0x03
+    HOST_UNREACHABLE = 0x04
+    CONNECTION_REFUSED = 0x05
+    TTL_EXPIRED = 0x06
+    COMMAND_NOT_SUPPORTED = 0x07
+    ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+
+class _NeedMore:
+    """The singleton type of L{NEED_MORE}."""
+
+    _instance: _NeedMore | None = None
+
+    def __new__(cls) -> _NeedMore:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_MORE"
+
+
+NEED_MORE: Final = _NeedMore()
+"""Returned by a parser when the bytes so far are a valid but incomplete message."""
+
+
+class SOCKS5ProtocolError(Exception):
+    """
+    The peer sent something that is not SOCKS5.
+
+    @ivar reply: the reply code a server should send before closing, or
+        L{None} when the message is too broken to answer (or we are the client).
+    """
+
+    def __init__(self, message: str, reply: Reply | None = Reply.GENERAL_FAILURE) -> None:
+        super().__init__(message)
+        self.reply = reply
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """Client → server: the methods the client can do."""
+
+    methods: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MethodSelection:
+    """Server → client: the method chosen (or L{Method.NO_ACCEPTABLE})."""
+
+    method: int
+
+
+@dataclass(frozen=True)
+class UsernamePassword:
+    """Client → server, RFC 1929."""
+
+    username: bytes
+    password: bytes
+
+
+@dataclass(frozen=True)
+class AuthStatus:
+    """Server → client, RFC 1929: C{0} is success."""
+
+    status: int
+
+
+@dataclass(frozen=True)
+class Request:
+    """
+    Client → server.  C{host} is a dotted IPv4 address, an IPv6 address, or a
+    domain name exactly as sent: names are never resolved here.
+    """
+
+    command: int
+    addressType: AddressType
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ReplyMessage:
+    """Server → client."""
+
+    reply: int
+    addressType: AddressType
+    host: str
+    port: int
+
+
+Parsed = Union[tuple[object, int], _NeedMore]
+
+
+# Builders -------------------------------------------------------------------
+
+
+def buildGreeting(methods: tuple[int, ...] = (Method.NO_AUTH,)) -> bytes:
+    if not 1 <= len(methods) <= 255:
+        raise ValueError("a greeting offers 1 to 255 methods")
+    return bytes([VERSION, len(methods), *methods])
+
+
+def buildMethodSelection(method: int) -> bytes:
+    return bytes([VERSION, method])
+
+
+def buildUsernamePassword(username: bytes, password: bytes) -> bytes:
+    if not (1 <= len(username) <= 255 and 1 <= len(password) <= 255):
+        raise ValueError("RFC 1929 username and password are 1 to 255 bytes")
+    return bytes([AUTH_VERSION, len(username)]) + username + bytes([len(password)]) + password
+
+
+def buildAuthStatus(status: int) -> bytes:
+    return bytes([AUTH_VERSION, status])
+
+
+def encodeAddress(host: str) -> tuple[AddressType, bytes]:
+    """
+    Encode C{host} as an address field: IP literals as such, anything else
+    as a domain name (so MagicDNS names travel unresolved).
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None:
+        encoded = host.encode("idna") if not host.isascii() else host.encode("ascii")
+        if not 1 <= len(encoded) <= 255:
+            raise ValueError(f"a SOCKS5 domain name is 1 to 255 bytes, not {len(encoded)}")
+        return AddressType.DOMAIN, bytes([len(encoded)]) + encoded
+    if address.version == 4:
+        return AddressType.IPV4, address.packed
+    return AddressType.IPV6, address.packed
+
+
+def _buildAddressed(first: int, host: str, port: int) -> bytes:
+    if not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port out of range: {port}")
+    addressType, field = encodeAddress(host)
+    return bytes([VERSION, first, 0x00, addressType]) + field + struct.pack("!H", port)
+
+
+def buildRequest(host: str, port: int, command: int = Command.CONNECT) -> bytes:
+    return _buildAddressed(command, host, port)
+
+
+def buildReply(reply: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
+    """The reply to a request; the bound address defaults to 0.0.0.0:0."""
+    return _buildAddressed(reply, host, port)
+
+
+# Parsers --------------------------------------------------------------------
+
+
+def parseGreeting(data: bytes) -> Parsed:
+    if not data:
+        return NEED_MORE
+    if data[0] != VERSION:
+        raise SOCKS5ProtocolError(f"not a SOCKS5 greeting (version byte {data[0]:#04x})", None)
+    if len(data) < 2:
+        return NEED_MORE
+    count = data[1]
+    if count == 0:
+        raise SOCKS5ProtocolError("SOCKS5 greeting offers no methods", None)
+    if len(data) < 2 + count:
+        return NEED_MORE
+    return Greeting(tuple(data[2 : 2 + count])), 2 + count
+
+
+def parseMethodSelection(data: bytes) -> Parsed:
+    if len(data) < 2:
+        if data and data[0] != VERSION:
+            raise SOCKS5ProtocolError(f"not a SOCKS5 server (version byte {data[0]:#04x})", None)
+        return NEED_MORE
+    if data[0] != VERSION:
+        raise SOCKS5ProtocolError(f"not a SOCKS5 server (version byte {data[0]:#04x})", None)
+    return MethodSelection(data[1]), 2
+
+
+def parseUsernamePassword(data: bytes) -> Parsed:
+    if not data:
+        return NEED_MORE
+    if data[0] != AUTH_VERSION:
+        raise SOCKS5ProtocolError(f"bad username/password version {data[0]:#04x}", None)
+    if len(data) < 2:
+        return NEED_MORE
+    userEnd = 2 + data[1]
+    if len(data) < userEnd + 1:
+        return NEED_MORE
+    passwordEnd = userEnd + 1 + data[userEnd]
+    if len(data) < passwordEnd:
+        return NEED_MORE
+    return UsernamePassword(data[2:userEnd], data[userEnd + 1 : passwordEnd]), passwordEnd
+
+
+def parseAuthStatus(data: bytes) -> Parsed:
+    if len(data) < 2:
+        return NEED_MORE
+    if data[0] != AUTH_VERSION:
+        raise SOCKS5ProtocolError(f"bad username/password version {data[0]:#04x}", None)
+    return AuthStatus(data[1]), 2
+
+
+def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int, int] | _NeedMore:
+    """Shared layout of requests and replies: VER, CODE, RSV, ATYP, ADDR, PORT."""
+    if not data:
+        return NEED_MORE
+    if data[0] != VERSION:
+        raise SOCKS5ProtocolError(f"not a SOCKS5 {what} (version byte {data[0]:#04x})")
+    if len(data) < 4:
+        return NEED_MORE
+    code, reserved, rawType = data[1], data[2], data[3]
+    if reserved != 0x00:
+        raise SOCKS5ProtocolError(f"SOCKS5 {what} has a non-zero reserved byte")
+    if rawType == AddressType.IPV4:
+        end = 4 + 4
+        if len(data) < end + 2:
+            return NEED_MORE
+        host = str(ipaddress.IPv4Address(data[4:end]))
+    elif rawType == AddressType.IPV6:
+        end = 4 + 16
+        if len(data) < end + 2:
+            return NEED_MORE
+        host = str(ipaddress.IPv6Address(data[4:end]))
+    elif rawType == AddressType.DOMAIN:
+        if len(data) < 5:
+            return NEED_MORE
+        length = data[4]
+        if length == 0:
+            raise SOCKS5ProtocolError(f"SOCKS5 {what} has an empty domain name")
+        end = 5 + length
+        if len(data) < end + 2:
+            return NEED_MORE
+        try:
+            host = data[5:end].decode("ascii")
+        except UnicodeDecodeError:
+            raise SOCKS5ProtocolError(f"SOCKS5 {what} has a non-ASCII domain name") from None
+        if "\x00" in host:
+            raise SOCKS5ProtocolError(f"SOCKS5 {what} has a NUL in its domain name")
+    else:
+        raise SOCKS5ProtocolError(
+            f"SOCKS5 {what} has unknown address type {rawType:#04x}",
+            Reply.ADDRESS_TYPE_NOT_SUPPORTED,
+        )
+    (port,) = struct.unpack("!H", data[end : end + 2])
+    return code, AddressType(rawType), host, port, end + 2
+
+
+def parseRequest(data: bytes) -> Parsed:
+    parsed = _parseAddressed(data, "request")
+    if isinstance(parsed, _NeedMore):
+        return parsed
+    command, addressType, host, port, used = parsed
+    return Request(command, addressType, host, port), used
+
+
+def parseReply(data: bytes) -> Parsed:
+    parsed = _parseAddressed(data, "reply")
+    if isinstance(parsed, _NeedMore):
+        return parsed
+    reply, addressType, host, port, used = parsed
+    return ReplyMessage(reply, addressType, host, port), used
+
+
+# The server role as a state machine -----------------------------------------
+
+
+@dataclass(frozen=True)
+class SendBytes:
+    """Send these bytes to the client."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection after what was sent; C{reason} says why, for the log."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ConnectRequested:
+    """
+    The client asked to CONNECT.  C{buffered} holds bytes it sent after the
+    request (optimistic data) that belong to the target.
+    """
+
+    request: Request
+    buffered: bytes
+
+
+@dataclass(frozen=True)
+class CredentialsReceived:
+    """RFC 1929 credentials arrived; answer with L{SOCKS5ServerCodec.acceptCredentials}."""
+
+    credentials: UsernamePassword
+
+
+ServerEvent = Union[SendBytes, Close, ConnectRequested, CredentialsReceived]
+ServerState = Literal["greeting", "auth", "auth-pending", "request", "done"]
+
+
+class SOCKS5ServerCodec:
+    """
+    The server side of the handshake, from the first byte to the CONNECT.
+
+    Feed it bytes with L{receive}; it returns events to act on.  After a
+    L{ConnectRequested} the caller dials and sends L{buildReply}; the codec is
+    then done and the rest of the stream belongs to the relay.  It never
+    raises on bad input: errors come back as L{SendBytes} + L{Close}.
+    """
+
+    def __init__(self, methods: tuple[int, ...] = (Method.NO_AUTH,)) -> None:
+        self._acceptable = methods
+        self._buffer = b""
+        self.state: ServerState = "greeting"
+        self.chosenMethod: int | None = None
+
+    def receive(self, data: bytes) -> list[ServerEvent]:
+        self._buffer += data
+        events: list[ServerEvent] = []
+        while self.state in ("greeting", "auth", "request") and self._buffer:
+            try:
+                progressed = self._step(events)
+            except SOCKS5ProtocolError as error:
+                if error.reply is not None and self.state == "request":
+                    events.append(SendBytes(buildReply(error.reply)))
+                events.append(Close(str(error)))
+                self.state = "done"
+                break
+            if not progressed:
+                break
+        return events
+
+    def _step(self, events: list[ServerEvent]) -> bool:
+        if self.state == "greeting":
+            parsed = parseGreeting(self._buffer)
+            if isinstance(parsed, _NeedMore):
+                return False
+            greeting, used = parsed
+            assert isinstance(greeting, Greeting)
+            self._buffer = self._buffer[used:]
+            for method in self._acceptable:
+                if method in greeting.methods:
+                    break
+            else:
+                events.append(SendBytes(buildMethodSelection(Method.NO_ACCEPTABLE)))
+                offered = ", ".join(f"{m:#04x}" for m in greeting.methods)
+                events.append(Close(f"no acceptable SOCKS5 method (offered {offered})"))
+                self.state = "done"
+                return False
+            self.chosenMethod = method
+            events.append(SendBytes(buildMethodSelection(method)))
+            self.state = "auth" if method == Method.USERNAME_PASSWORD else "request"
+            return True
+        if self.state == "auth":
+            parsed = parseUsernamePassword(self._buffer)
+            if isinstance(parsed, _NeedMore):
+                return False
+            credentials, used = parsed
+            assert isinstance(credentials, UsernamePassword)
+            self._buffer = self._buffer[used:]
+            self.state = "auth-pending"
+            events.append(CredentialsReceived(credentials))
+            return False
+        parsed = parseRequest(self._buffer)
+        if isinstance(parsed, _NeedMore):
+            return False
+        request, used = parsed
+        assert isinstance(request, Request)
+        self._buffer = self._buffer[used:]
+        self.state = "done"
+        if request.command != Command.CONNECT:
+            events.append(SendBytes(buildReply(Reply.COMMAND_NOT_SUPPORTED)))
+            events.append(Close(f"SOCKS5 command {request.command:#04x} is not supported"))
+            return False
+        events.append(ConnectRequested(request, self._buffer))
+        self._buffer = b""
+        return False
+
+    def acceptCredentials(self, ok: bool) -> list[ServerEvent]:
+        """Answer a L{CredentialsReceived}; continue with any buffered request."""
+        if self.state != "auth-pending":
+            raise RuntimeError("no credentials are waiting for an answer")
+        if not ok:
+            self.state = "done"
+            return [SendBytes(buildAuthStatus(0x01)), Close("SOCKS5 authentication failed")]
+        self.state = "request"
+        return [SendBytes(buildAuthStatus(0x00)), *self.receive(b"")]
