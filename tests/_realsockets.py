@@ -1,0 +1,150 @@
+"""Real-socket helpers: a tsmux on a Unix socket, loopback targets, a blocking SOCKS5 client."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+
+from twisted.internet import defer, task
+from twisted.internet import reactor as globalReactor
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from tsmux._dialers import DirectDialer
+from tsmux._listen import defaultBacklog, listenOnPath
+from tsmux._relay import RelayEnd
+from tsmux._server import MuxFactory
+from tsmux._socks5 import buildRequest, parseReply
+
+reactor = globalReactor
+
+
+def shortTempDir(testCase: TestCase) -> str:
+    """A private directory with a short path (Unix socket paths are at most 107 bytes)."""
+    path = tempfile.mkdtemp(prefix="tsmux-", dir="/tmp")
+    testCase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def startMux(testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", **kw) -> tuple[str, MuxFactory]:
+    """A mux with the direct dialer (by default) listening on a fresh Unix socket."""
+    path = os.path.join(shortTempDir(testCase), "tsmux.sock")
+    factory = MuxFactory(reactor, dialer or DirectDialer(reactor, timeout=5), localapi, **kw)
+    port = listenOnPath(reactor, path, factory, 0o600, defaultBacklog())
+    testCase.addCleanup(port.stopListening)
+    testCase.addCleanup(waitUntilClosed, factory)
+    return path, factory
+
+
+def waitUntilClosed(factory: MuxFactory, timeout: float = 10.0) -> defer.Deferred[None]:
+    """Let the connections a test made finish closing, so the reactor is clean after it."""
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        while factory.openConnections or any(
+            isinstance(getattr(s, "protocol", None), RelayEnd) for s in reactor.getReaders() + reactor.getWriters()
+        ):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"connections still open after {timeout} s")
+            await task.deferLater(reactor, 0.01, lambda: None)
+
+    return defer.ensureDeferred(poll())
+
+
+@implementer(IHalfCloseableProtocol)
+class Echo(Protocol):
+    """Echoes, and on EOF finishes writing and closes: half-close made visible."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+
+class Source(Protocol):
+    """Sends C{size} bytes of a known pattern, then closes."""
+
+    size = 0
+
+    def connectionMade(self) -> None:
+        self.transport.write(pattern(self.size))
+        self.transport.loseConnection()
+
+
+def pattern(size: int) -> bytes:
+    block = bytes(range(256)) * 4096
+    return (block * (size // len(block) + 1))[:size]
+
+
+def listenTCP(testCase: TestCase, protocol: type[Protocol], **attributes) -> int:
+    factory = Factory.forProtocol(protocol)
+    factory.noisy = False
+    for name, value in attributes.items():
+        setattr(protocol, name, value)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    testCase.addCleanup(port.stopListening)
+    return port.getHost().port
+
+
+def socksConnect(path: str, host: str, port: int, extra: bytes = b"", timeout: float = 10) -> tuple[socket.socket, int]:
+    """
+    Blocking SOCKS5 CONNECT over a Unix socket (run it in a thread).  Sends
+    greeting, request and C{extra} in one write, as optimistic clients do.
+    @return: the socket (positioned after the reply) and the reply code.
+    """
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(timeout)
+    client.connect(path)
+    client.sendall(b"\x05\x01\x00" + buildRequest(host, port) + extra)
+    received = recvExactly(client, 2)
+    assert received == b"\x05\x00", received
+    buffer = b""
+    while True:
+        chunk = client.recv(1)
+        if not chunk:
+            raise ConnectionError(f"closed during the reply: {buffer!r}")
+        buffer += chunk
+        parsed = parseReply(buffer)
+        if isinstance(parsed, tuple):
+            return client, parsed[0].reply
+
+
+def recvExactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def recvAll(sock: socket.socket, bufsize: int = 1 << 20) -> bytes:
+    chunks = []
+    while True:
+        chunk = sock.recv(bufsize)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def openFds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def relayBufferedBytes() -> int:
+    """Bytes queued in the write buffers of relay transports in this process."""
+    total = 0
+    for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
+        if isinstance(getattr(selectable, "protocol", None), RelayEnd):
+            total += len(selectable.dataBuffer) - selectable.offset + selectable._tempDataLen
+    return total

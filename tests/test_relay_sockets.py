@@ -1,0 +1,184 @@
+"""The relay on real sockets: half-close, flow control, optimistic data, no fd leaks."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import time
+
+from twisted.internet import defer, task, threads
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from ._realsockets import (
+    Echo,
+    Source,
+    listenTCP,
+    openFds,
+    pattern,
+    reactor,
+    recvAll,
+    recvExactly,
+    relayBufferedBytes,
+    socksConnect,
+    startMux,
+)
+
+
+async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
+
+
+class HalfCloseTests(TestCase):
+    timeout = 30
+
+    def test_uploadShutdownThenReadReply(self) -> defer.Deferred[None]:
+        """The client shuts down its write side; the target's reply still arrives."""
+        path, _ = startMux(self)
+        echoPort = listenTCP(self, Echo)
+        payload = os.urandom(300_000)
+
+        def client() -> bytes:
+            sock, reply = socksConnect(path, "127.0.0.1", echoPort)
+            assert reply == 0, reply
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            data = recvAll(sock)
+            sock.close()
+            return data
+
+        return threads.deferToThread(client).addCallback(lambda data: self.assertEqual(data, payload))
+
+    def test_shutdownBeforeTheReply(self) -> defer.Deferred[None]:
+        """EOF sent with the request, before the dial finished, is kept and forwarded."""
+        path, _ = startMux(self)
+        echoPort = listenTCP(self, Echo)
+
+        def client() -> bytes:
+            import tsmux._socks5 as s
+
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"\x05\x01\x00" + s.buildRequest("127.0.0.1", echoPort) + b"ping")
+            sock.shutdown(socket.SHUT_WR)
+            data = recvAll(sock)
+            sock.close()
+            return data
+
+        def check(data: bytes) -> None:
+            self.assertEqual(data[:2], b"\x05\x00")
+            self.assertTrue(data.endswith(b"ping"), data)
+
+        return threads.deferToThread(client).addCallback(check)
+
+
+class FlowControlTests(TestCase):
+    timeout = 60
+
+    async def test_slowReaderBoundsMemory(self) -> None:
+        size = 48 * 1024 * 1024
+        path, _ = startMux(self)
+        sourcePort = listenTCP(self, Source, size=size)
+        sock, reply = await threads.deferToThread(socksConnect, path, "127.0.0.1", sourcePort)
+        self.addCleanup(sock.close)
+        self.assertEqual(reply, 0)
+        # Not reading: the target writes everything at once into its own buffer,
+        # tsmux must stop reading from it instead of queueing toward us.
+        peaks = []
+        for _ in range(25):
+            await task.deferLater(reactor, 0.02, lambda: None)
+            peaks.append(relayBufferedBytes())
+        self.assertLess(max(peaks), 1024 * 1024, peaks)
+        data = await threads.deferToThread(recvAll, sock)
+        self.assertEqual(len(data), size)
+        self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(pattern(size)).digest())
+
+
+class OptimisticDataTests(TestCase):
+    timeout = 30
+
+    def test_dataBeforeTheReplyReachesTheTarget(self) -> defer.Deferred[None]:
+        path, _ = startMux(self)
+        echoPort = listenTCP(self, Echo)
+
+        def client() -> bytes:
+            sock, reply = socksConnect(path, "127.0.0.1", echoPort, extra=b"hello before reply")
+            assert reply == 0
+            data = recvExactly(sock, len(b"hello before reply"))
+            sock.close()
+            return data
+
+        return threads.deferToThread(client).addCallback(self.assertEqual, b"hello before reply")
+
+
+class ResourceTests(TestCase):
+    timeout = 120
+
+    async def test_noFdLeakAfterManyConnections(self) -> None:
+        path, factory = startMux(self)
+        echoPort = listenTCP(self, Echo)
+        await task.deferLater(reactor, 0.05, lambda: None)
+        before = openFds()
+
+        def clients(count: int) -> None:
+            for index in range(count):
+                sock, reply = socksConnect(path, "127.0.0.1", echoPort if index % 5 else 1)
+                if reply == 0:
+                    sock.sendall(b"x")
+                    recvExactly(sock, 1)
+                    if index % 2:
+                        sock.shutdown(socket.SHUT_WR)
+                        recvAll(sock)
+                sock.close()
+
+        await defer.gatherResults([threads.deferToThread(clients, 60) for _ in range(4)])
+        await waitFor(lambda: not factory.openConnections, what="connections to close")
+        await waitFor(lambda: openFds() <= before, what=f"fds back to {before}")
+        self.assertEqual(openFds(), before)
+
+    async def test_burstOfConnectsQueues(self) -> None:
+        """Hundreds of simultaneous connects queue in the backlog instead of failing."""
+        path, factory = startMux(self)
+
+        def burst() -> int:
+            socks = []
+            try:
+                for _ in range(400):
+                    sock = socket.socket(socket.AF_UNIX)
+                    sock.setblocking(False)
+                    sock.connect(path)  # raises BlockingIOError if the backlog is full
+                    socks.append(sock)
+                return len(socks)
+            finally:
+                for sock in socks:
+                    sock.close()
+
+        self.assertEqual(await threads.deferToThread(burst), 400)
+        await waitFor(lambda: not factory.openConnections, what="connections to close")
+
+
+class PeerCredentialTests(TestCase):
+    timeout = 30
+
+    async def test_logLineNamesTheCaller(self) -> None:
+        path, factory = startMux(self)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def client() -> None:
+            sock, reply = socksConnect(path, "127.0.0.1", 1)
+            assert reply == 5, reply
+            sock.close()
+
+        await threads.deferToThread(client)
+        await waitFor(lambda: any(e.get("log_namespace") == "tsmux.connection" for e in events))
+        (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
+        self.assertEqual((line["pid"], line["uid"], line["gid"]), (os.getpid(), os.getuid(), os.getgid()))
+        self.assertEqual(line["outcome"], "dial-error reply=0x05 connection-refused")

@@ -1,0 +1,226 @@
+"""The mux and the SOCKS5 and LocalAPI front ends, with fake transports and dialers."""
+
+from __future__ import annotations
+
+from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.python.failure import Failure
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tsmux._detect import SOCKS4_REJECTED
+from tsmux._errors import ConnectionRefused, DialRefusedByPolicy, DialTimeout, HostUnreachable
+from tsmux._relay import RelayEnd
+from tsmux._server import PENDING_LIMIT, LocalAPIPassthrough, MuxFactory, MuxProtocol, SOCKS5ServerProtocol
+from tsmux._socks5 import Reply, buildReply, buildRequest
+
+from ._fakes import FakeDialer, HalfCloseStringTransport, connectedUpstream
+
+GREETING = b"\x05\x01\x00"
+DONE = Failure(ConnectionDone())
+# StringTransport's getHost(): the SOCKS5 success reply carries the upstream's local address.
+SUCCESS = buildReply(Reply.SUCCEEDED, "10.0.0.1", 12345)
+
+
+class MuxTestMixin:
+    """A mux on a fake transport, with its log lines captured."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.dialer = FakeDialer()
+        self.factory = MuxFactory(self.reactor, self.dialer, "/nonexistent/tailscaled.sock", detectTimeout=15)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self) -> tuple[MuxProtocol, HalfCloseStringTransport]:
+        protocol = self.factory.buildProtocol(None)
+        transport = HalfCloseStringTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def connectionLines(self) -> list[dict]:
+        return [e for e in self.events if e.get("log_namespace") == "tsmux.connection"]
+
+
+class DetectionTests(MuxTestMixin, SynchronousTestCase):
+    def test_socks5HandedOffOnFirstByte(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"\x05")
+        self.assertIsInstance(transport.protocol, SOCKS5ServerProtocol)
+
+    def test_httpHandedOffAfterToken(self) -> None:
+        _, transport = self.connect()
+        for piece in (b"G", b"E", b"T", b" /localapi/v0/status HTTP/1.1\r\n"):
+            self.assertIsInstance(transport.protocol, MuxProtocol)
+            transport.protocol.dataReceived(piece)
+        self.assertIsInstance(transport.protocol, LocalAPIPassthrough)
+        self.assertEqual(self.reactor.unixClients[0][0], "/nonexistent/tailscaled.sock")
+
+    def test_socks4GetsRejection(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00")
+        self.assertEqual(transport.value(), SOCKS4_REJECTED)
+        self.assertTrue(transport.disconnecting)
+        (line,) = self.connectionLines()
+        self.assertEqual((line["protocol"], line["outcome"]), ("rejected", "client-error"))
+        self.assertIn("SOCKS4", line["detail"])
+
+    def test_junkClosedWithLogLine(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"\x16\x03\x01\x00\xa5")
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
+        self.assertIn("TLS handshake", self.connectionLines()[0]["detail"])
+
+    def test_detectTimeout(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"GE")
+        self.reactor.advance(14.9)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.disconnected)
+        (line,) = self.connectionLines()
+        self.assertEqual(line["outcome"], "timeout")
+
+    def test_timerCancelledOnDetection(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"\x05")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_openConnectionsTracked(self) -> None:
+        protocol, transport = self.connect()
+        self.assertEqual(len(self.factory.openConnections), 1)
+        protocol.connectionLost(DONE)
+        self.assertEqual(len(self.factory.openConnections), 0)
+
+
+class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
+    def handshake(self, host: str = "peer.example.ts.net", port: int = 80, extra: bytes = b""):
+        _, transport = self.connect()
+        transport.protocol.dataReceived(GREETING + buildRequest(host, port) + extra)
+        self.assertEqual(transport.value(), b"\x05\x00")
+        transport.clear()
+        return transport
+
+    def test_namesGoToTheDialerUnresolved(self) -> None:
+        self.handshake("peer.example.ts.net", 8080)
+        self.assertEqual([(h, p) for h, p, _ in self.dialer.dials], [("peer.example.ts.net", 8080)])
+
+    def test_ipv6(self) -> None:
+        self.handshake("fd7a:115c:a1e0::1", 22)
+        self.assertEqual(self.dialer.dials[0][:2], ("fd7a:115c:a1e0::1", 22))
+
+    def test_successRelaysBothWaysWithOptimisticData(self) -> None:
+        transport = self.handshake(extra=b"GET / HTTP/1.0\r\n")
+        transport.protocol.dataReceived(b"\r\n")
+        upstream, upstreamTransport = connectedUpstream()
+        upstream.dataReceived(b"early upstream bytes")
+        self.dialer.dials[0][2].callback(upstream)
+        self.assertEqual(transport.value(), SUCCESS + b"early upstream bytes")
+        self.assertEqual(upstreamTransport.value(), b"GET / HTTP/1.0\r\n\r\n")
+        self.assertIsInstance(transport.protocol, RelayEnd)
+        transport.protocol.dataReceived(b"more")
+        self.assertEqual(upstreamTransport.value(), b"GET / HTTP/1.0\r\n\r\nmore")
+        self.assertIs(transport.producer, upstreamTransport)
+        self.assertIs(upstreamTransport.producer, transport)
+
+    def test_clientEOFDuringDialIsForwarded(self) -> None:
+        transport = self.handshake(extra=b"request")
+        transport.protocol.readConnectionLost()
+        upstream, upstreamTransport = connectedUpstream()
+        self.dialer.dials[0][2].callback(upstream)
+        self.assertEqual(upstreamTransport.value(), b"request")
+        self.assertTrue(upstreamTransport.writeLost)
+        self.assertFalse(transport.disconnecting)
+
+    def test_pendingBoundedDuringDial(self) -> None:
+        transport = self.handshake()
+        transport.protocol.dataReceived(b"x" * (PENDING_LIMIT + 1))
+        self.assertEqual(transport.producerState, "paused")
+        upstream, upstreamTransport = connectedUpstream()
+        self.dialer.dials[0][2].callback(upstream)
+        self.assertEqual(transport.producerState, "producing")
+        self.assertEqual(len(upstreamTransport.value()), PENDING_LIMIT + 1)
+
+    def test_replyCodesFromDialErrors(self) -> None:
+        for error, reply in (
+            (ConnectionRefused("no"), Reply.CONNECTION_REFUSED),
+            (HostUnreachable("no"), Reply.HOST_UNREACHABLE),
+            (DialTimeout("slow"), Reply.TTL_EXPIRED),
+            (DialRefusedByPolicy("Dial-Self"), Reply.NOT_ALLOWED),
+            (RuntimeError("other"), Reply.GENERAL_FAILURE),
+        ):
+            transport = self.handshake()
+            self.dialer.dials[-1][2].errback(error)
+            self.assertEqual(transport.value(), buildReply(reply), error)
+            self.assertTrue(transport.disconnecting)
+        outcomes = [line["outcome"] for line in self.connectionLines()]
+        self.assertEqual(outcomes[0], "dial-error reply=0x05 connection-refused")
+
+    def test_clientLeavingCancelsTheDial(self) -> None:
+        transport = self.handshake()
+        transport.protocol.connectionLost(DONE)
+        self.assertEqual(self.dialer.cancelled, [("peer.example.ts.net", 80)])
+        (line,) = self.connectionLines()
+        self.assertEqual(line["outcome"], "client-closed")
+
+    def test_nothingWrittenAfterClientLeft(self) -> None:
+        transport = self.handshake()
+        transport.protocol.connectionLost(DONE)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+
+    def test_noAcceptableMethod(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"\x05\x01\x02")
+        self.assertEqual(transport.value(), b"\x05\xff")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.dialer.dials, [])
+
+    def test_unsupportedCommand(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(GREETING + buildRequest("1.2.3.4", 80, command=2))
+        self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.COMMAND_NOT_SUPPORTED))
+        self.assertTrue(transport.disconnecting)
+
+    def test_logLineOnRelayEnd(self) -> None:
+        transport = self.handshake(extra=b"abc")
+        upstream, upstreamTransport = connectedUpstream()
+        self.dialer.dials[0][2].callback(upstream)
+        upstream.transport.protocol.dataReceived(b"hello")
+        transport.protocol.connectionLost(DONE)
+        upstreamTransport.protocol.connectionLost(DONE)
+        (line,) = self.connectionLines()
+        self.assertEqual(line["target"], "peer.example.ts.net:80")
+        self.assertEqual(line["outcome"], "ok")
+        self.assertEqual(line["bytesFromClient"], 3)
+        self.assertEqual(line["bytesToClient"], len(b"\x05\x00") + len(SUCCESS) + 5)
+        self.assertEqual(line["log_level"], LogLevel.info)
+
+
+class PassthroughTests(MuxTestMixin, SynchronousTestCase):
+    def test_bytesUnchangedBothWays(self) -> None:
+        _, transport = self.connect()
+        request = b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+        transport.protocol.dataReceived(request[:10])
+        transport.protocol.dataReceived(request[10:])
+        path, factory = self.reactor.unixClients[0][:2]
+        upstreamTransport = HalfCloseStringTransport()
+        protocol = factory.buildProtocol(None)
+        upstreamTransport.protocol = protocol
+        protocol.makeConnection(upstreamTransport)
+        self.assertEqual(upstreamTransport.value(), request)
+        upstreamTransport.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 200 OK\r\n\r\n")
+
+    def test_unreachableGets502(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+        factory = self.reactor.unixClients[0][1]
+        factory.clientConnectionFailed(None, Failure(ConnectError(osError=2)))
+        response = transport.value()
+        self.assertTrue(response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), response)
+        self.assertIn(b"/nonexistent/tailscaled.sock is unreachable: No such file or directory", response)
+        self.assertTrue(transport.disconnecting)
