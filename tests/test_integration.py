@@ -1,0 +1,172 @@
+"""
+End to end against a real tailscaled 1.96.4 in a private network namespace,
+with real clients: curl, the tailscale CLI, and raw sockets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tsmux._dialers import buildDialRequest
+from tsmux._socks5 import Reply
+
+from ._realsockets import pattern, recvAll, recvExactly, socksConnect
+from ._tailnet import HELLO_BODY, startPrivateTailnet, tailnetSkipReason
+from ._tsmuxprocess import TsmuxProcess, startTsmux
+
+
+def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, timeout=timeout)
+
+
+def socksCurl(tsmux: TsmuxProcess, url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return curl("-x", f"socks5h://localhost{tsmux.socketPath}", *args, url)
+
+
+def localapiGet(socketPath: str, path: str) -> tuple[int, bytes]:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(socketPath)
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n".encode())
+    data = recvAll(sock)
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+class IntegrationTestMixin:
+    skip = tailnetSkipReason()
+
+    def setUp(self) -> None:
+        self.tailnet = startPrivateTailnet(self)
+
+    def startTsmux(self, *args: str, **kw) -> TsmuxProcess:
+        tsmux = startTsmux(self, "--localapi", self.tailnet.localapi, *args, **kw)
+        self.addCleanup(self.assertNoTraceback, tsmux)
+        return tsmux
+
+    def assertNoTraceback(self, tsmux: TsmuxProcess) -> None:
+        tsmux.stop()
+        log = tsmux.log()
+        self.assertNotIn("Traceback", log, log)
+        self.assertNotIn("Unhandled", log, log)
+
+
+class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
+    def test_curlOverTheUnixSocket(self) -> None:
+        tsmux = self.startTsmux()
+        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
+        self.assertIn("socks5 pid=", tsmux.log())
+
+    def test_largeDownloadIntact(self) -> None:
+        size = 64 * 1024 * 1024
+        tsmux = self.startTsmux()
+        started = time.monotonic()
+        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}")
+        elapsed = time.monotonic() - started
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(hashlib.sha256(result.stdout).digest(), hashlib.sha256(pattern(size)).digest())
+        # Not an assertion on speed (timing is noisy here), a figure for the record:
+        print(f"\n64 MiB through tsmux + tailscaled ts-dial: {size / elapsed / 2**20:.0f} MiB/s")
+
+    def test_refusedGetsReply05(self) -> None:
+        tsmux = self.startTsmux()
+        sock, reply = socksConnect(tsmux.socketPath, "127.0.0.1", self.tailnet.closedPort)
+        sock.close()
+        self.assertEqual(reply, Reply.CONNECTION_REFUSED)
+
+    def test_echoBothWays(self) -> None:
+        tsmux = self.startTsmux()
+        sock, reply = socksConnect(tsmux.socketPath, "127.0.0.1", self.tailnet.echoPort, extra=b"optimistic ")
+        self.assertEqual(reply, 0)
+        sock.sendall(b"and more")
+        self.assertEqual(recvExactly(sock, 19), b"optimistic and more")
+        sock.close()
+
+    def test_tailscaledStoppedThenRestarted(self) -> None:
+        tsmux = self.startTsmux()
+        url = f"http://127.0.0.1:{self.tailnet.httpPort}/"
+        self.tailnet.stopTailscaled()
+        started = time.monotonic()
+        result = socksCurl(tsmux, url)
+        self.assertEqual(result.returncode, 97, result.stderr)  # curl: SOCKS5 connection failed
+        self.assertLess(time.monotonic() - started, 5)
+        status, body = localapiGet(tsmux.socketPath, "/localapi/v0/status")
+        self.assertEqual(status, 502)
+        self.assertIn(f"LocalAPI at {self.tailnet.localapi} is unreachable".encode(), body)
+
+        self.tailnet.startTailscaled()
+        result = socksCurl(tsmux, url)
+        self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
+        self.assertEqual(localapiGet(tsmux.socketPath, "/localapi/v0/status")[0], 200)
+        log = tsmux.log()
+        self.assertEqual(log.count("is unreachable ("), 1, log)
+        self.assertIn("is reachable again", log)
+
+
+class LocalAPIPassthroughTests(IntegrationTestMixin, SynchronousTestCase):
+    def test_tailscaleStatusIdentical(self) -> None:
+        tsmux = self.startTsmux()
+        direct = self.tailnet.runTailscale(["status"], capture_output=True)
+        through = subprocess.run(
+            [self.tailnet.tailscale, f"--socket={tsmux.socketPath}", "status"], capture_output=True, timeout=30
+        )
+        self.assertEqual((through.returncode, through.stdout), (direct.returncode, direct.stdout))
+        self.assertIn(b"Logged out.", through.stdout)
+        for flags in (["--json"], ["--peers=false"]):
+            direct = self.tailnet.runTailscale(["status", *flags], capture_output=True)
+            through = subprocess.run(
+                [self.tailnet.tailscale, f"--socket={tsmux.socketPath}", "status", *flags],
+                capture_output=True,
+                timeout=30,
+            )
+            self.assertEqual(through.returncode, direct.returncode)
+            if flags == ["--json"]:
+                self.assertEqual(json.loads(through.stdout)["BackendState"], "NeedsLogin")
+
+    def test_curlLocalAPI(self) -> None:
+        tsmux = self.startTsmux()
+        result = curl("--unix-socket", tsmux.socketPath, "http://local-tailscaled.sock/localapi/v0/status")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["BackendState"], "NeedsLogin")
+
+    def test_keepAliveAndPipelining(self) -> None:
+        tsmux = self.startTsmux()
+        request = b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(tsmux.socketPath)
+        sock.sendall(request * 3 + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        data = recvAll(sock)
+        sock.close()
+        self.assertEqual(data.count(b"HTTP/1.1 200 OK"), 4)
+
+    def test_tsDialThroughThePassthrough(self) -> None:
+        """A LocalAPI client doing its own ts-dial upgrade through tsmux reaches the target."""
+        tsmux = self.startTsmux()
+        sock = socket.socket(socket.AF_UNIX)
+        sock.settimeout(10)
+        sock.connect(tsmux.socketPath)
+        sock.sendall(buildDialRequest("127.0.0.1", self.tailnet.echoPort) + b"pipelined")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += sock.recv(1)
+        self.assertTrue(head.startswith(b"HTTP/1.1 101"), head)
+        self.assertEqual(recvExactly(sock, 9), b"pipelined")
+        sock.close()
+
+
+class TwistdPluginTests(IntegrationTestMixin, SynchronousTestCase):
+    def test_sameBehaviourUnderTwistd(self) -> None:
+        tsmux = self.startTsmux(twistd=True)
+        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
+        status, _ = localapiGet(tsmux.socketPath, "/localapi/v0/status")
+        self.assertEqual(status, 200)
