@@ -45,7 +45,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 HELLO_BODY = b"hello from the tailnet\n"
@@ -184,18 +185,11 @@ def _ensurePrivateNamespace() -> None:
         pass
     else:
         if mine == parents:
-            raise SystemExit(
-                "refusing to run: not in a private network namespace "
-                "(run under `unshare -n --`)"
-            )
-    links = subprocess.run(
-        ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True
-    ).stdout
+            raise SystemExit("refusing to run: not in a private network namespace (run under `unshare -n --`)")
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines() if line]
     if names != ["lo"]:
-        raise SystemExit(
-            f"refusing to run: network namespace has interfaces {names!r}, expected only lo"
-        )
+        raise SystemExit(f"refusing to run: network namespace has interfaces {names!r}, expected only lo")
 
 
 def _makePdeathsig() -> Callable[[], None]:
@@ -229,9 +223,7 @@ class _Tailscaled:
     start().
     """
 
-    def __init__(
-        self, binary: str, directory: str, socketPath: str, socks5Port: int
-    ) -> None:
+    def __init__(self, binary: str, directory: str, socketPath: str, socks5Port: int) -> None:
         self.socketPath = socketPath
         self.socks5Port = socks5Port
         self.logPath = os.path.join(directory, "tailscaled.log")
@@ -306,8 +298,7 @@ class _Tailscaled:
             if time.monotonic() > deadline:
                 self.kill()
                 raise RuntimeError(
-                    f"tailscaled socket {self.socketPath} did not accept within "
-                    f"{READY_TIMEOUT:g} s; see {self.logPath}"
+                    f"tailscaled socket {self.socketPath} did not accept within {READY_TIMEOUT:g} s; see {self.logPath}"
                 )
             time.sleep(0.02)
 

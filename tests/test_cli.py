@@ -16,9 +16,7 @@ from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, ts
 
 
 def run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=childEnvironment()
-    )
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=childEnvironment())
 
 
 class OptionTests(SynchronousTestCase):

@@ -125,7 +125,9 @@ class LocalAPIDialerTests(SynchronousTestCase):
     def test_dialSelfRefused(self) -> None:
         _, results = self.dial("example.com", 443)
         protocol, _ = self.accept()
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: 93.184.216.34:443\r\nContent-Length: 0\r\n\r\n")
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: 93.184.216.34:443\r\nContent-Length: 0\r\n\r\n"
+        )
         self.assertIsInstance(results[0].value, DialRefusedByPolicy)
         self.assertIn("Dial-Self", results[0].value.reason)
         self.assertEqual(self.direct.dials, [])
@@ -134,7 +136,9 @@ class LocalAPIDialerTests(SynchronousTestCase):
         self.dialer.dialSelf = "direct"
         _, results = self.dial("example.com", 443)
         protocol, _ = self.accept()
-        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: [2001:db8::1]:443\r\nContent-Length: 0\r\n\r\n")
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: [2001:db8::1]:443\r\nContent-Length: 0\r\n\r\n"
+        )
         self.assertEqual(self.direct.dials, [("2001:db8::1", 443)])
         self.assertEqual(results, ["direct upstream"])
 

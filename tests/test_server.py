@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from twisted.internet.error import ConnectError, ConnectionDone
-from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tsmux._detect import SOCKS4_REJECTED
@@ -171,6 +171,19 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         transport.protocol.connectionLost(DONE)
         self.assertEqual(transport.value(), b"")
         self.assertFalse(transport.disconnecting)
+
+    def test_handshakeTimeout(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(GREETING)
+        self.reactor.advance(29.9)
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(0.2)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.connectionLines()[0]["outcome"], "timeout")
+
+    def test_handshakeTimerStopsAtTheRequest(self) -> None:
+        self.handshake()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_noAcceptableMethod(self) -> None:
         _, transport = self.connect()

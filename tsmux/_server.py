@@ -111,11 +111,13 @@ class MuxFactory(Factory):
         detectTimeout: float = 15.0,
         connectTimeout: float = 10.0,
         health: LocalAPIHealth | None = None,
+        handshakeTimeout: float = 30.0,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
         self.localapiPath = localapiPath
         self.detectTimeout = detectTimeout
+        self.handshakeTimeout = handshakeTimeout
         self.connectTimeout = connectTimeout
         self.health = health if health is not None else LocalAPIHealth(localapiPath)
         self.openConnections: set[ConnectionRecord] = set()
@@ -279,6 +281,26 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         super().__init__(mux, record)
         self._codec = SOCKS5ServerCodec()
         self._handshakeBytes = 0
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        # Negotiation and request must finish in time; the dial has its own timeout.
+        self._timer = self._mux.reactor.callLater(self._mux.handshakeTimeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.record.bytesFromClient = self._handshakeBytes
+        self.record.finish("timeout", f"SOCKS5 handshake not done within {self._mux.handshakeTimeout:g} s")
+        self.transport.abortConnection()
+
+    def _stopTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopTimer()
+        super().connectionLost(reason)
 
     def dataReceived(self, data: bytes) -> None:
         if self._waiting is not None:
@@ -290,6 +312,7 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
                 self.transport.write(event.data)
                 self.record.bytesToClient += len(event.data)
             elif isinstance(event, Close):
+                self._stopTimer()
                 self.record.bytesFromClient = self._handshakeBytes
                 self.record.finish("client-error", event.reason)
                 self.transport.loseConnection()
@@ -302,6 +325,7 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
                 return
 
     def _connect(self, event: ConnectRequested) -> None:
+        self._stopTimer()
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"

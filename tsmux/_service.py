@@ -48,6 +48,7 @@ class Config:
     dialer: str = "localapi"
     dialSelf: str = "refuse"
     detectTimeout: float = 15.0
+    handshakeTimeout: float = 30.0
     dialTimeout: float = DEFAULT_DIAL_TIMEOUT
     backlog: int = field(default_factory=defaultBacklog)
 
@@ -122,6 +123,13 @@ class Options(usage.Options):
         ],
         ["detect-timeout", None, "15", "Seconds a new connection has to show its protocol.", _seconds],
         [
+            "handshake-timeout",
+            None,
+            "30",
+            "Seconds a SOCKS5 client has for method negotiation and its request.",
+            _seconds,
+        ],
+        [
             "dial-timeout",
             None,
             str(DEFAULT_DIAL_TIMEOUT).removesuffix(".0"),
@@ -156,7 +164,13 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         # usage.Options coerces given values only; defaults are written as the
         # user would type them (so --help shows "0660"), and coerced here.
-        for name, coerce in (("mode", _octalMode), ("detect-timeout", _seconds), ("dial-timeout", _seconds)):
+        coercions = (
+            ("mode", _octalMode),
+            ("detect-timeout", _seconds),
+            ("handshake-timeout", _seconds),
+            ("dial-timeout", _seconds),
+        )
+        for name, coerce in coercions:
             if isinstance(self[name], str):
                 self[name] = coerce(self[name])
         for name, allowed in (("dialer", DIALERS), ("dial-self", DIAL_SELF_POLICIES)):
@@ -176,6 +190,7 @@ class Options(usage.Options):
             dialer=self["dialer"],
             dialSelf=self["dial-self"],
             detectTimeout=self["detect-timeout"],
+            handshakeTimeout=self["handshake-timeout"],
             dialTimeout=self["dial-timeout"],
             **extra,
         )
@@ -201,6 +216,7 @@ class TsmuxService(service.Service):
             self.dialer,
             config.localapi,
             detectTimeout=config.detectTimeout,
+            handshakeTimeout=config.handshakeTimeout,
             connectTimeout=config.dialTimeout,
             health=self.health,
         )
