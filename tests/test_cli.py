@@ -7,9 +7,10 @@ import socket
 import stat
 import subprocess
 
+from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SynchronousTestCase
 
-from tsmux._listen import listenOnPath
+from tsmux._listen import StartupError, listenOnDescription, listenOnPath, withBacklog
 from tsmux._service import Options
 
 from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, tsmuxCommand, twistdCommand
@@ -135,3 +136,25 @@ class SocketModeTests(SynchronousTestCase):
             finally:
                 os.umask(previous)
             self.assertEqual(reactor.modeAtBind, mode)
+
+
+class DescriptionTests(SynchronousTestCase):
+    def test_backlogAdded(self) -> None:
+        self.assertEqual(withBacklog("unix:/a.sock", 4096), "unix:/a.sock:backlog=4096")
+        self.assertEqual(withBacklog("tcp:1080:interface=127.0.0.1", 9), "tcp:1080:interface=127.0.0.1:backlog=9")
+        self.assertEqual(withBacklog("unix:/a.sock:backlog=5", 4096), "unix:/a.sock:backlog=5")
+        self.assertEqual(withBacklog("systemd:domain=UNIX:index=0", 4096), "systemd:domain=UNIX:index=0")
+
+    def test_listensOnADescription(self) -> None:
+        from twisted.internet import reactor
+
+        port = listenOnDescription(reactor, "tcp:0:interface=127.0.0.1", Factory(), 16)
+        self.addCleanup(port.stopListening)
+        self.assertEqual(port.getHost().host, "127.0.0.1")
+
+    def test_badDescription(self) -> None:
+        from twisted.internet import reactor
+
+        with self.assertRaises(StartupError) as caught:
+            listenOnDescription(reactor, "carrier:pigeon", Factory(), 16)
+        self.assertIn("bad --listen 'carrier:pigeon'", str(caught.exception))

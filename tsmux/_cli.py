@@ -30,13 +30,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     try:
         tsmux = buildService(options.toConfig(), reactor)
-        tsmux.privilegedStartService()
-        tsmux.startService()
     except StartupError as error:
         sys.stderr.write(f"tsmux: {error}\n")
         raise SystemExit(1) from None
-    reactor.addSystemEventTrigger("before", "shutdown", tsmux.stopService)
+
+    failed: list[StartupError] = []
+
+    def start() -> None:
+        # Listen once the reactor runs: its SIGTERM handler is in place by then, so a
+        # socket that exists can always be removed by a clean shutdown.
+        try:
+            tsmux.privilegedStartService()
+            tsmux.startService()
+        except StartupError as error:
+            failed.append(error)
+            reactor.stop()
+            return
+        reactor.addSystemEventTrigger("before", "shutdown", tsmux.stopService)
+
+    reactor.callWhenRunning(start)
     reactor.run()
+    if failed:
+        sys.stderr.write(f"tsmux: {failed[0]}\n")
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
