@@ -38,3 +38,7 @@ class FailureMappingTests(SynchronousTestCase):
         self.assertEqual(dialErrorFromLocalAPI(403, "invalid localapi request").reply, Reply.NOT_ALLOWED)
         self.assertEqual(dialErrorFromLocalAPI(502, "").reply, Reply.GENERAL_FAILURE)
         self.assertEqual(dialErrorFromLocalAPI(502, "").reason, "tailscaled: 502 HTTP 502")
+
+    def test_failedLookupIsHostUnreachable(self) -> None:
+        body = "dial failure: lookup nas.example on 100.100.100.100:53: dial udp: network is unreachable"
+        self.assertEqual(dialErrorFromLocalAPI(502, body).reply, Reply.HOST_UNREACHABLE)

@@ -63,7 +63,10 @@ class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
         tsmux = self.startTsmux()
         result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
-        self.assertIn("socks5 pid=", tsmux.log())
+        tsmux.stop()
+        (line,) = [line for line in tsmux.log().splitlines() if "socks5 pid=" in line]
+        self.assertIn(f"target=127.0.0.1:{self.tailnet.httpPort}", line)
+        self.assertTrue(line.endswith(" ok"), line)
 
     def test_largeDownloadIntact(self) -> None:
         size = 64 * 1024 * 1024

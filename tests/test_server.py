@@ -209,7 +209,7 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         (line,) = self.connectionLines()
         self.assertEqual(line["target"], "peer.example.ts.net:80")
         self.assertEqual(line["outcome"], "ok")
-        self.assertEqual(line["bytesFromClient"], 3)
+        self.assertEqual(line["bytesFromClient"], len(GREETING + buildRequest("peer.example.ts.net", 80)) + 3)
         self.assertEqual(line["bytesToClient"], len(b"\x05\x00") + len(SUCCESS) + 5)
         self.assertEqual(line["log_level"], LogLevel.info)
 

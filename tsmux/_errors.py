@@ -98,10 +98,12 @@ def dialErrorFromFailure(failure: Failure) -> DialError:
 # tailscaled's dial errors are Go error strings (from the kernel's errno text
 # or gVisor's netstack); the most specific pattern wins, so order matters.
 _LOCALAPI_PATTERNS: tuple[tuple[re.Pattern[str], type[DialError]], ...] = (
+    # A failed lookup is "host unreachable" even when its cause reads "network is
+    # unreachable" (e.g. "lookup x on 1.1.1.1:53: dial udp: network is unreachable").
+    (re.compile(r"resolve failure|no such host|server misbehaving|lookup \S+ on ", re.I), HostUnreachable),
     (re.compile(r"connection refused", re.I), ConnectionRefused),
     (re.compile(r"network is unreachable", re.I), NetworkUnreachable),
     (re.compile(r"no route to host|host is unreachable|host unreachable", re.I), HostUnreachable),
-    (re.compile(r"resolve failure|no such host|server misbehaving|lookup .* on ", re.I), HostUnreachable),
     (re.compile(r"i/o timeout|timed out|deadline exceeded", re.I), DialTimeout),
 )
 

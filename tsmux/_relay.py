@@ -206,7 +206,10 @@ class Relay:
         if end.lost:
             return
         end.lost = True
-        if self.failure is None and not reason.check(ConnectionDone):
+        bothDone = self.client.readDone and self.upstream.readDone
+        # Once both directions ended, a hang-up seen while closing (epoll reports it
+        # as a non-clean loss) is the normal end, not an error.
+        if self.failure is None and not bothDone and not reason.check(ConnectionDone):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
             end.peer.transport.loseConnection()

@@ -165,6 +165,7 @@ class MuxProtocol(Protocol):
             self.record.protocol = "rejected"
             if verdict.protocol is Detected.SOCKS4:
                 self.transport.write(SOCKS4_REJECTED)
+                self.record.bytesToClient = len(SOCKS4_REJECTED)
             self.record.bytesFromClient = len(buffered)
             self.record.finish("client-error", f"neither SOCKS5 nor HTTP: {verdict.description}")
             self.transport.loseConnection()
@@ -236,6 +237,10 @@ class _WaitingForUpstream(Protocol):
     def _beforeRelay(self, upstream: IUpstream) -> None:
         """Say success to the client, if the protocol has a way to."""
 
+    def _handshakeBytesFromClient(self) -> int:
+        """Client bytes consumed before the relay (and so not counted by it)."""
+        return 0
+
     def _upstreamFailed(self, failure: Failure) -> None:
         self._waiting = None
         if self._lost:
@@ -247,7 +252,7 @@ class _WaitingForUpstream(Protocol):
         raise NotImplementedError
 
     def _relayFinished(self, relay: Relay, reason: Failure) -> None:
-        self.record.bytesFromClient = relay.client.bytesReceived
+        self.record.bytesFromClient = self._handshakeBytesFromClient() + relay.client.bytesReceived
         self.record.bytesToClient += relay.upstream.bytesReceived
         if relay.failure is not None:
             self.record.finish("error", relay.failure.getErrorMessage())
@@ -281,6 +286,7 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         super().__init__(mux, record)
         self._codec = SOCKS5ServerCodec()
         self._handshakeBytes = 0
+        self._codecLeftover = 0
         self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -330,8 +336,13 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"
         if event.buffered:
+            # Optimistic data came with the request; the relay counts it.
+            self._codecLeftover = len(event.buffered)
             self._hold(event.buffered)
         self._waitFor(self._mux.dialer.dial(request.host, request.port))
+
+    def _handshakeBytesFromClient(self) -> int:
+        return self._handshakeBytes - self._codecLeftover
 
     def _beforeRelay(self, upstream: IUpstream) -> None:
         bound = upstream.transport.getHost()
@@ -347,7 +358,7 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         reply = buildReply(error.reply)
         self.transport.write(reply)
         self.record.bytesToClient += len(reply)
-        self.record.bytesFromClient = self._pendingSize
+        self.record.bytesFromClient = self._handshakeBytes + self._pendingSize - self._codecLeftover
         self.record.finish(f"dial-error reply={error.reply:#04x} {error.kind}", error.reason)
 
     def readConnectionLost(self) -> None:

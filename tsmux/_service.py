@@ -82,7 +82,7 @@ def _count(text: str) -> int:
 class Options(usage.Options):
     """The command line, for both C{tsmux} and C{twistd -n tsmux}."""
 
-    synopsis = "[options]"
+    synopsis = "Usage: tsmux [options]"
     longdesc = (
         "tsmux serves SOCKS5 and tailscaled's LocalAPI on one Unix socket, so that file "
         "permissions decide who may use Tailscale's proxy. Connections whose first byte is "
@@ -150,16 +150,17 @@ class Options(usage.Options):
         self["listen"] = []
 
     def opt_listen(self, address: str) -> None:
-        """
-        Where to listen; may repeat. An absolute path is a Unix socket at that
-        path (stale sockets are replaced, the socket is removed on exit);
-        anything else is a Twisted endpoint description such as
-        unix:/path:mode=660, systemd:domain=UNIX:index=0 or tcp:1080:interface=127.0.0.1
-        [default: /var/run/tailscale/tsmux.sock]
-        """
+        """Where to listen; may repeat. An absolute path is a Unix socket tsmux manages (--mode, stale sockets replaced, removed on exit). Anything else is a Twisted endpoint description (unix:/path, systemd:domain=UNIX:index=0, tcp:1080:interface=127.0.0.1), used as Twisted gives it: --mode and stale-socket handling do not apply there. [default: /var/run/tailscale/tsmux.sock]"""  # noqa: E501 - usage.Options prints the docstring as is
         if not address:
             raise usage.UsageError("--listen wants a path or an endpoint description")
         self["listen"].append(address)
+
+    def opt_version(self) -> None:
+        """Print tsmux's version and exit."""
+        from . import __version__
+
+        print(f"tsmux {__version__}")
+        raise SystemExit(0)
 
     def postOptions(self) -> None:
         # usage.Options coerces given values only; defaults are written as the
