@@ -214,3 +214,38 @@ class DirectDialerTests(SynchronousTestCase):
         DirectDialer(reactor, timeout=3).dial("192.0.2.1", 80).addBoth(results.append)
         reactor.advance(3.1)
         self.assertIsInstance(results[0].value, DialTimeout)
+
+
+class HostileAnswerTests(SynchronousTestCase):
+    """Regressions from review: odd digits, cancellation while connecting, bodiless statuses."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.dialer = LocalAPIDialer(self.reactor, SOCKET, timeout=10)
+
+    def accept(self) -> TsDialProtocol:
+        protocol = self.reactor.unixClients[-1][1].buildProtocol(None)
+        transport = HalfCloseStringTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol
+
+    def test_nonASCIIDigitsAreGarbage(self) -> None:
+        for answer in (b"HTTP/1.1 \xb2\xb3\xb9 X\r\n\r\n", b"HTTP/1.1 502 Bad\r\nContent-Length: \xb9\r\n\r\nx"):
+            results: list[object] = []
+            self.dialer.dial("peer", 80).addBoth(results.append)
+            self.accept().dataReceived(answer)
+            self.assertIs(type(results[0].value), DialError, answer)
+            self.assertIn("garbage", results[0].value.reason)
+
+    def test_cancelWhileConnectingIsNotUnreachable(self) -> None:
+        dialing = self.dialer.dial("peer", 80)
+        dialing.addErrback(lambda failure: None)
+        dialing.cancel()
+        self.assertIsNot(self.dialer.health.reachable, False)
+
+    def test_bodilessStatusAnswersAtOnce(self) -> None:
+        results: list[object] = []
+        self.dialer.dial("peer", 80).addBoth(results.append)
+        self.accept().dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertIs(type(results[0].value), DialError)

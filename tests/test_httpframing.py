@@ -119,3 +119,23 @@ class ResponseFramerTests(SynchronousTestCase):
             framer.receive(data)
         except HTTPFramingError:
             pass
+
+
+class UpgradeFramingTests(SynchronousTestCase):
+    DIAL = b"POST /localapi/v0/dial HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: ts-dial\r\n\r\n"
+
+    def test_stopsAfterAnUpgradeRequest(self) -> None:
+        framer = RequestFramer()
+        events = framer.receive(self.DIAL + b"raw bytes, not HTTP")
+        self.assertEqual([type(e) for e in events], [Head, End])
+        self.assertTrue(framer.stopped)
+        self.assertEqual(framer.receive(b" more"), [])
+        self.assertEqual(framer.takeBuffered(), b"raw bytes, not HTTP more")
+
+    def test_resumesWhenRefused(self) -> None:
+        framer = RequestFramer()
+        framer.receive(self.DIAL + GET[:10])
+        events = framer.receive(GET[10:])
+        self.assertEqual(events, [])
+        events = framer.resume()
+        self.assertEqual([type(e) for e in events], [Head, End])

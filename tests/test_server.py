@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectError, ConnectionDone
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
@@ -166,6 +166,91 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         self.assertEqual(self.dialer.cancelled, [("peer.example.ts.net", 80)])
         (line,) = self.connectionLines()
         self.assertEqual(line["outcome"], "client-closed")
+
+    def test_upstreamLossUnregistersItAsProducer(self) -> None:
+        """
+        Closing the client after the upstream is lost must not leave the dead
+        upstream registered: Twisted would resume it instead of closing.
+        """
+        transport = self.handshake()
+        upstream, upstreamTransport = connectedUpstream()
+        self.dialer.dials[0][2].callback(upstream)
+        self.assertIs(transport.producer, upstreamTransport)
+        upstreamTransport.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertIsNone(transport.producer)
+        self.assertTrue(transport.disconnecting)
+
+    def test_bytesCountedWhenClientLeavesDuringDial(self) -> None:
+        transport = self.handshake(extra=b"abc")
+        transport.protocol.connectionLost(DONE)
+        (line,) = self.connectionLines()
+        self.assertEqual(line["bytesFromClient"], len(GREETING + buildRequest("peer.example.ts.net", 80)) + 3)
+
+    def test_bytesCountedWhenClientLeavesMidHandshake(self) -> None:
+        _, transport = self.connect()
+        transport.protocol.dataReceived(GREETING)
+        transport.protocol.connectionLost(DONE)
+        self.assertEqual(self.connectionLines()[0]["bytesFromClient"], 3)
+
+    def relayed(self):
+        transport = self.handshake()
+        upstream, upstreamTransport = connectedUpstream()
+        self.dialer.dials[0][2].callback(upstream)
+        return transport, upstreamTransport
+
+    def test_idleTimeout(self) -> None:
+        self.factory.idleTimeout = 10
+        transport, upstreamTransport = self.relayed()
+        for _ in range(9):
+            self.reactor.advance(1)
+            self.factory.closeIdleRelays()
+        transport.protocol.dataReceived(b"activity")
+        for _ in range(9):
+            self.reactor.advance(1)
+            self.factory.closeIdleRelays()
+        self.assertFalse(transport.disconnecting)
+        for _ in range(2):
+            self.reactor.advance(1)
+            self.factory.closeIdleRelays()
+        self.assertTrue(transport.disconnecting and upstreamTransport.disconnecting)
+        transport.protocol.connectionLost(DONE)
+        upstreamTransport.protocol.connectionLost(DONE)
+        self.assertEqual(self.connectionLines()[0]["outcome"], "timeout")
+
+    def test_halfCloseTimeoutOnlyAfterOneDirectionEnded(self) -> None:
+        self.factory.halfCloseTimeout = 5
+        transport, upstreamTransport = self.relayed()
+        for _ in range(10):
+            self.reactor.advance(1)
+            self.factory.closeIdleRelays()
+        self.assertFalse(transport.disconnecting)
+        transport.protocol.readConnectionLost()
+        for _ in range(7):
+            self.reactor.advance(1)
+            self.factory.closeIdleRelays()
+        self.assertTrue(upstreamTransport.disconnecting)
+
+    def test_maxConnections(self) -> None:
+        self.factory.maxConnections = 2
+        first, _ = self.connect()
+        self.connect()
+        refused = self.factory.buildProtocol(None)
+        refusedTransport = HalfCloseStringTransport()
+        refused.makeConnection(refusedTransport)
+        self.assertTrue(refusedTransport.disconnected)
+        self.assertEqual(self.connectionLines()[-1]["outcome"], "refused")
+        first.connectionLost(DONE)
+        self.assertIsInstance(self.factory.buildProtocol(None), MuxProtocol)
+
+    def test_socksAllowListRefuses02(self) -> None:
+        from tsmux._policy import AccessPolicy
+
+        self.factory.policy = AccessPolicy(socksAllowUids=frozenset({1000}))
+        _, transport = self.connect()
+        transport.protocol.dataReceived(GREETING + buildRequest("peer", 22))
+        self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED))
+        self.assertEqual(self.dialer.dials, [])
+        self.assertEqual(self.connectionLines()[0]["outcome"], "refused-by-policy")
 
     def test_nothingWrittenAfterClientLeft(self) -> None:
         transport = self.handshake()

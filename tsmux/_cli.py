@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from twisted.logger import globalLogBeginner, textFileLogObserver
+from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
 from twisted.python import usage
 
 from ._listen import StartupError
@@ -27,9 +27,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from twisted.internet import reactor
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
+    config = options.toConfig()
+    observer = jsonFileLogObserver(sys.stderr) if config.logFormat == "json" else textFileLogObserver(sys.stderr)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
-        tsmux = buildService(options.toConfig(), reactor)
+        tsmux = buildService(config, reactor)
     except StartupError as error:
         sys.stderr.write(f"tsmux: {error}\n")
         raise SystemExit(1) from None

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import (
     HostnameEndpoint,
     TCP4ClientEndpoint,
@@ -205,6 +205,10 @@ class TsDialProtocol(HeldConnection):
                 self._buffer = b""
                 self.answered.callback(self)
                 return
+            if 100 <= self._head.status < 200 or self._head.status in (204, 304):
+                self._bodyLength = 0  # no body; never wait for one
+                self._answerWithoutUpgrade()
+                return
             try:
                 self._bodyLength = self._head.contentLength()
             except HTTPParseError as error:
@@ -303,7 +307,7 @@ class LocalAPIDialer:
         return protocol.answered
 
     def _unreachable(self, failure: Failure) -> Failure:
-        if failure.check(defer.CancelledError):
+        if failure.check(defer.CancelledError, error.ConnectingCancelledError):
             return failure
         reason = failureReason(failure)
         self.health.failed(reason)

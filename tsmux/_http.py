@@ -39,7 +39,7 @@ class ResponseHead:
         value = self.header("Content-Length")
         if value is None:
             return None
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             raise HTTPParseError(f"bad Content-Length {value!r}")
         return int(value)
 
@@ -69,7 +69,7 @@ def parseResponseHead(data: bytes) -> tuple[ResponseHead, int] | None:
     parts = statusLine.split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
         raise HTTPParseError(f"bad status line {statusLine[:80]!r}")
-    if len(parts[1]) != 3 or not parts[1].isdigit():
+    if len(parts[1]) != 3 or not (parts[1].isascii() and parts[1].isdigit()):
         raise HTTPParseError(f"bad status code in {statusLine[:80]!r}")
     headers = []
     for line in headerLines:

@@ -199,12 +199,20 @@ class RequestFramer:
         self._buffer = b""
         self._bodyLeft = 0
         self._chunked: _ChunkedBody | None = None
+        self._upgrading = False
         self.inBody = False
+        self.stopped = False
 
     def receive(self, data: bytes) -> list[RequestEvent]:
+        """
+        Frame C{data}.  After a request that asks for an C{Upgrade}, framing
+        stops (L{stopped}) and later bytes are kept unparsed: only the
+        server's answer tells whether they are still HTTP (L{resume}) or the
+        upgraded stream (L{takeBuffered}).
+        """
         events: list[RequestEvent] = []
         self._buffer += data
-        while self._buffer:
+        while self._buffer and not self.stopped:
             if self.inBody:
                 if self._chunked is not None:
                     used, ended = self._chunked.consume(self._buffer)
@@ -235,6 +243,7 @@ class RequestFramer:
             framing = _bodyFraming(head.headers)
             events.append(Head(head, self._buffer[:used]))
             self._buffer = self._buffer[used:]
+            self._upgrading = head.header("Upgrade") is not None
             if framing == "chunked":
                 self._chunked = _ChunkedBody()
                 self.inBody = True
@@ -242,13 +251,26 @@ class RequestFramer:
                 self._bodyLeft = int(framing)
                 self.inBody = True
             else:
-                events.append(End())
+                self._endMessage(events)
         return events
 
     def _endMessage(self, events: list[RequestEvent]) -> None:
         self.inBody = False
         self._chunked = None
         events.append(End())
+        if self._upgrading:
+            self.stopped = True
+
+    def resume(self) -> list[RequestEvent]:
+        """The upgrade was refused: what follows is HTTP again."""
+        self.stopped = False
+        self._upgrading = False
+        return self.receive(b"")
+
+    def takeBuffered(self) -> bytes:
+        """The upgrade happened: hand over the unparsed bytes."""
+        data, self._buffer = self._buffer, b""
+        return data
 
 
 class ResponseFramer:

@@ -95,7 +95,9 @@ def prepareSocketPath(path: str) -> None:
     log.info("removed a stale socket at {path} (nothing was listening)", path=path)
 
 
-def listenOnPath(reactor: Any, path: str, factory: IProtocolFactory, mode: int, backlog: int) -> IListeningPort:
+def listenOnPath(
+    reactor: Any, path: str, factory: IProtocolFactory, mode: int, backlog: int, group: int | None = None
+) -> IListeningPort:
     """
     Listen on a Unix socket at C{path} that never has a wider mode than
     C{mode}, not even between bind and chmod: the umask is tightened around
@@ -108,6 +110,13 @@ def listenOnPath(reactor: Any, path: str, factory: IProtocolFactory, mode: int, 
         raise StartupError(f"cannot listen on {path}: {error}") from error
     finally:
         os.umask(previous)
+    if group is not None:
+        # Until this chown the group is tsmux's own: narrower, never wider.
+        try:
+            os.chown(path, -1, group)
+        except OSError as error:
+            port.stopListening()
+            raise StartupError(f"cannot give {path} group {group}: {error.strerror}") from None
     return port
 
 

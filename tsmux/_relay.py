@@ -61,6 +61,17 @@ def quietConnect(endpoint: IStreamClientEndpoint, protocol: _P) -> Deferred[_P]:
     return endpoint.connect(_OneShotFactory(protocol))  # type: ignore[return-value]
 
 
+def closeTransport(transport: ITransport) -> None:
+    """
+    C{loseConnection}, after unregistering any producer: with a paused
+    streaming producer still registered, Twisted resumes it when the buffer
+    drains instead of closing, and the connection would never end.
+    """
+    if getattr(transport, "producer", None) is not None:
+        transport.unregisterProducer()
+    transport.loseConnection()
+
+
 @implementer(IUpstream, IHalfCloseableProtocol)
 class HeldConnection(Protocol):
     """
@@ -149,14 +160,20 @@ class Relay:
     @ivar upstream: the upstream side's L{RelayEnd}.
     """
 
+    clientEndClass: type[RelayEnd] = RelayEnd
+    upstreamEndClass: type[RelayEnd] = RelayEnd
+
     def __init__(self, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
-        self.client = RelayEnd(self, "client")
-        self.upstream = RelayEnd(self, "upstream")
+        self.client = self.clientEndClass(self, "client")
+        self.upstream = self.upstreamEndClass(self, "upstream")
         self.client.peer = self.upstream
         self.upstream.peer = self.client
         self._onFinished = onFinished
         self.finished = False
         self.failure: Failure | None = None
+        self.closedIdle: str | None = None
+        self._idleSeen = -1
+        self._lastActive: float | None = None
 
     def start(
         self,
@@ -164,6 +181,7 @@ class Relay:
         upstream: IUpstream,
         clientBuffered: bytes = b"",
         clientEOF: bool = False,
+        resumeClient: bool = False,
     ) -> None:
         """
         Take over C{clientTransport} and C{upstream}.
@@ -172,6 +190,7 @@ class Relay:
             started (SOCKS5 optimistic data, an HTTP request head); they go
             upstream first.
         @param clientEOF: the client already shut down its write side.
+        @param resumeClient: the client transport was paused meanwhile; resume it.
         """
         switchProtocol(clientTransport, self.client)
         upstream.attach(self.upstream)
@@ -183,8 +202,34 @@ class Relay:
             self.client.dataReceived(clientBuffered)
         if clientEOF and not self.client.readDone:
             self._readDone(self.client)
-        if not self.client.lost:
+        if resumeClient and not self.client.lost:
             clientTransport.resumeProducing()
+
+    def idleCheck(self, now: float, idleTimeout: float | None, halfCloseTimeout: float | None) -> None:
+        """
+        Called periodically (cheaper than resetting a timer on every read):
+        close the relay when no byte moved for C{idleTimeout} seconds, or for
+        C{halfCloseTimeout} seconds once one direction has ended.  The
+        latter bounds a relay whose client sent EOF and then left: tsmux no
+        longer reads that socket, so only the target's silence shows it.
+        """
+        seen = self.client.bytesReceived + self.upstream.bytesReceived
+        if seen != self._idleSeen or self._lastActive is None:
+            self._idleSeen = seen
+            self._lastActive = now
+            return
+        quiet = now - self._lastActive
+        halfClosed = self.client.readDone or self.upstream.readDone
+        if idleTimeout is not None and quiet >= idleTimeout:
+            self.closedIdle = "idle"
+        elif halfClosed and halfCloseTimeout is not None and quiet >= halfCloseTimeout:
+            self.closedIdle = "half-closed"
+        else:
+            return
+        if not self.finished:
+            for end in (self.client, self.upstream):
+                if not end.lost:
+                    closeTransport(end.transport)
 
     def _readDone(self, end: RelayEnd) -> None:
         if end.readDone:
@@ -200,7 +245,7 @@ class Relay:
         if self.client.readDone and self.upstream.readDone:
             for each in (self.client, self.upstream):
                 if not each.lost:
-                    each.transport.loseConnection()
+                    closeTransport(each.transport)
 
     def _endLost(self, end: RelayEnd, reason: Failure) -> None:
         if end.lost:
@@ -212,7 +257,7 @@ class Relay:
         if self.failure is None and not bothDone and not reason.check(ConnectionDone):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
-            end.peer.transport.loseConnection()
+            closeTransport(end.peer.transport)
         if self.client.lost and self.upstream.lost and not self.finished:
             self.finished = True
             if self._onFinished is not None:

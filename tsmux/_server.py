@@ -25,9 +25,11 @@ from ._detect import SOCKS4_REJECTED, detect
 from ._detect import Protocol as Detected
 from ._dialers import LocalAPIHealth
 from ._errors import dialErrorFromFailure, failureReason
+from ._guard import GuardedRelay
 from ._http import buildSimpleResponse
 from ._interfaces import IDialer, IUpstream
 from ._peercred import PeerCredentials, peerCredentials
+from ._policy import AccessPolicy
 from ._relay import HeldConnection, Relay, quietConnect, switchProtocol
 from ._socks5 import (
     Close,
@@ -58,29 +60,45 @@ class ConnectionRecord:
         self.started = clock.seconds()
         self.protocol = "undetected"
         self.target: str | None = None
+        self.requests: int | None = None
+        self.access: str | None = None
         self.bytesFromClient = 0
         self.bytesToClient = 0
         self.outcome: str | None = None
         self.detail = ""
         self._onFinished = onFinished
+        self.transport: Any = None
+        self.cutAtShutdown = False
 
     @property
     def finished(self) -> bool:
         return self.outcome is not None
 
+    def _subject(self) -> str:
+        if self.target is not None:
+            return f"target={self.target}"
+        if self.requests is not None:
+            return f"requests={self.requests} access={self.access}"
+        return "-"
+
     def finish(self, outcome: str, detail: str = "") -> None:
         """Record the ending and log it; later calls are ignored."""
         if self.outcome is not None:
             return
+        if self.cutAtShutdown:
+            outcome = f"cut-at-shutdown ({outcome})"
         self.outcome = outcome
         self.detail = detail
         duration = self._clock.seconds() - self.started
         _connectionLog.info(
-            "{protocol} {peer} target={target} up={bytesFromClient} down={bytesToClient} "
+            "{protocol} {peer} {subject} up={bytesFromClient} down={bytesToClient} "
             "{duration:.3f}s {outcome}{separator}{detail}",
             protocol=self.protocol,
             peer=str(self.peer) if self.peer is not None else "peer=?",
-            target=self.target or "-",
+            subject=self._subject(),
+            target=self.target,
+            requests=self.requests,
+            access=self.access,
             bytesFromClient=self.bytesFromClient,
             bytesToClient=self.bytesToClient,
             duration=duration,
@@ -112,24 +130,53 @@ class MuxFactory(Factory):
         connectTimeout: float = 10.0,
         health: LocalAPIHealth | None = None,
         handshakeTimeout: float = 30.0,
+        policy: AccessPolicy | None = None,
+        maxConnections: int | None = None,
+        idleTimeout: float | None = None,
+        halfCloseTimeout: float | None = 300.0,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
         self.localapiPath = localapiPath
         self.detectTimeout = detectTimeout
         self.handshakeTimeout = handshakeTimeout
+        self.policy = policy if policy is not None else AccessPolicy()
         self.connectTimeout = connectTimeout
         self.health = health if health is not None else LocalAPIHealth(localapiPath)
+        self.maxConnections = maxConnections
+        self.idleTimeout = idleTimeout
+        self.halfCloseTimeout = halfCloseTimeout
         self.openConnections: set[ConnectionRecord] = set()
+        self.relays: set[Relay] = set()
 
-    def buildProtocol(self, addr: IAddress) -> MuxProtocol:
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        if self.maxConnections is not None and len(self.openConnections) >= self.maxConnections:
+            return _OverLimit(self)
         return MuxProtocol(self)
+
+    def closeIdleRelays(self) -> None:
+        """Called periodically: close relays idle past C{idleTimeout} or C{halfCloseTimeout}."""
+        now = self.reactor.seconds()
+        for relay in list(self.relays):
+            relay.idleCheck(now, self.idleTimeout, self.halfCloseTimeout)
 
     def _opened(self, record: ConnectionRecord) -> None:
         self.openConnections.add(record)
 
     def _closed(self, record: ConnectionRecord) -> None:
         self.openConnections.discard(record)
+
+
+class _OverLimit(Protocol):
+    """Closes a connection accepted beyond C{--max-connections}, with a log line."""
+
+    def __init__(self, mux: MuxFactory) -> None:
+        self._mux = mux
+
+    def connectionMade(self) -> None:
+        record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport))
+        record.finish("refused", f"over --max-connections ({self._mux.maxConnections} open)")
+        self.transport.abortConnection()
 
 
 class MuxProtocol(Protocol):
@@ -144,6 +191,7 @@ class MuxProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux._closed)
+        self.record.transport = self.transport
         self._mux._opened(self.record)
         self._timer = self._mux.reactor.callLater(self._mux.detectTimeout, self._timedOut)
 
@@ -160,7 +208,13 @@ class MuxProtocol(Protocol):
             next = SOCKS5ServerProtocol(self._mux, self.record)
         elif verdict.protocol is Detected.HTTP:
             self.record.protocol = "localapi"
-            next = LocalAPIPassthrough(self._mux, self.record)
+            self.record.requests = 0
+            if self._mux.policy.isAdmin(self.record.peer):
+                self.record.access = "admin"
+                next = LocalAPIPassthrough(self._mux, self.record)
+            else:
+                self.record.access = "read"
+                next = LocalAPIGuard(self._mux, self.record)
         else:
             self.record.protocol = "rejected"
             if verdict.protocol is Detected.SOCKS4:
@@ -204,13 +258,15 @@ class _WaitingForUpstream(Protocol):
         self._pending: list[bytes] = []
         self._pendingSize = 0
         self._clientEOF = False
+        self._paused = False
         self._lost = False
         self._waiting: defer.Deferred[IUpstream] | None = None
 
     def _hold(self, data: bytes) -> None:
         self._pending.append(data)
         self._pendingSize += len(data)
-        if self._pendingSize > PENDING_LIMIT:
+        if self._pendingSize > PENDING_LIMIT and not self._paused:
+            self._paused = True
             self.transport.pauseProducing()
 
     def _waitFor(self, upstream: defer.Deferred[IUpstream]) -> None:
@@ -229,13 +285,17 @@ class _WaitingForUpstream(Protocol):
             upstream.abort()
             return
         self._beforeRelay(upstream)
-        relay = Relay(self._relayFinished)
+        relay = self._makeRelay()
+        self._mux.relays.add(relay)
         pending = b"".join(self._pending)
         self._pending = []
-        relay.start(self.transport, upstream, pending, self._clientEOF)
+        relay.start(self.transport, upstream, pending, self._clientEOF, resumeClient=self._paused)
 
     def _beforeRelay(self, upstream: IUpstream) -> None:
         """Say success to the client, if the protocol has a way to."""
+
+    def _makeRelay(self) -> Relay:
+        return Relay(self._relayFinished)
 
     def _handshakeBytesFromClient(self) -> int:
         """Client bytes consumed before the relay (and so not counted by it)."""
@@ -252,12 +312,20 @@ class _WaitingForUpstream(Protocol):
         raise NotImplementedError
 
     def _relayFinished(self, relay: Relay, reason: Failure) -> None:
+        self._mux.relays.discard(relay)
         self.record.bytesFromClient = self._handshakeBytesFromClient() + relay.client.bytesReceived
         self.record.bytesToClient += relay.upstream.bytesReceived
+        self.record.finish(*self._relayOutcome(relay))
+
+    def _relayOutcome(self, relay: Relay) -> tuple[str, str]:
+        """The outcome and detail to log; subclasses also copy what their relay knows."""
+        if relay.closedIdle == "idle":
+            return "timeout", "no bytes either way for --idle-timeout"
+        if relay.closedIdle == "half-closed":
+            return "timeout", "one direction ended, then no bytes for --half-close-timeout"
         if relay.failure is not None:
-            self.record.finish("error", relay.failure.getErrorMessage())
-        else:
-            self.record.finish("ok")
+            return "error", relay.failure.getErrorMessage()
+        return "ok", ""
 
     def readConnectionLost(self) -> None:
         if self._waiting is not None:
@@ -270,7 +338,9 @@ class _WaitingForUpstream(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
-        self.record.bytesFromClient = max(self.record.bytesFromClient, self._pendingSize)
+        self.record.bytesFromClient = max(
+            self.record.bytesFromClient, self._handshakeBytesFromClient() + self._pendingSize
+        )
         if self._waiting is not None:
             self.record.finish("client-closed", "client left while the way out was being connected")
             self._waiting.cancel()
@@ -335,6 +405,15 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"
+        decision = self._mux.policy.mayDial(self.record.peer)
+        if not decision.allowed:
+            reply = buildReply(Reply.NOT_ALLOWED)
+            self.transport.write(reply)
+            self.record.bytesToClient += len(reply)
+            self.record.bytesFromClient = self._handshakeBytes
+            self.record.finish("refused-by-policy", decision.reason)
+            self.transport.loseConnection()
+            return
         if event.buffered:
             # Optimistic data came with the request; the relay counts it.
             self._codecLeftover = len(event.buffered)
@@ -398,3 +477,24 @@ class LocalAPIPassthrough(_WaitingForUpstream):
         self.record.bytesToClient += len(response)
         self.record.bytesFromClient = self._pendingSize
         self.record.finish("localapi-unreachable", reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class LocalAPIGuard(LocalAPIPassthrough):
+    """
+    HTTP to tailscaled for callers who are not LocalAPI admins: every request
+    is checked and those needing write are answered 403 (see L{tsmux._guard}).
+    """
+
+    def _makeRelay(self) -> Relay:
+        self._guard = GuardedRelay(self._mux.policy, self.record.peer, self._relayFinished)
+        return self._guard
+
+    def _relayOutcome(self, relay: Relay) -> tuple[str, str]:
+        guard = self._guard
+        self.record.requests = guard.requests
+        self.record.bytesToClient += guard.refusalBytes
+        if guard.refusal is not None:
+            outcome = "refused-by-policy" if guard.refusedStatus == 403 else "client-error"
+            return f"{outcome} status={guard.refusedStatus}", guard.refusal
+        return super()._relayOutcome(relay)

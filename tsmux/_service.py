@@ -5,6 +5,8 @@ the service that listens.
 
 from __future__ import annotations
 
+import grp
+import pwd
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -29,6 +32,8 @@ from ._listen import (
     listenOnPath,
     prepareSocketPath,
 )
+from ._localapi import LocalAPIClient, OperatorWatcher
+from ._policy import AccessPolicy
 from ._relay import quietConnect
 from ._server import MuxFactory
 
@@ -51,6 +56,17 @@ class Config:
     handshakeTimeout: float = 30.0
     dialTimeout: float = DEFAULT_DIAL_TIMEOUT
     backlog: int = field(default_factory=defaultBacklog)
+    socksAllowUids: frozenset[int] = frozenset()
+    socksAllowGids: frozenset[int] = frozenset()
+    adminUids: frozenset[int] = frozenset()
+    adminGids: frozenset[int] = frozenset()
+    group: int | None = None
+    maxConnections: int | None = None
+    idleTimeout: float | None = None
+    halfCloseTimeout: float | None = 300.0
+    shutdownTimeout: float = 30.0
+    operatorRefresh: float = 60.0
+    logFormat: str = "text"
 
 
 def _octalMode(text: str) -> int:
@@ -71,6 +87,24 @@ def _seconds(text: str) -> float:
     if not 0 < value < 86400 * 365:
         raise ValueError(f"wants a positive number of seconds, not {text!r}")
     return value
+
+
+def _uid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return pwd.getpwnam(text).pw_uid
+    except KeyError:
+        raise usage.UsageError(f"no such user: {text!r}") from None
+
+
+def _gid(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    try:
+        return grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise usage.UsageError(f"no such group: {text!r}") from None
 
 
 def _count(text: str) -> int:
@@ -137,6 +171,56 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "group",
+            None,
+            None,
+            "Group (name or gid) of sockets given as a path; with --mode 0660 that group is who may connect.",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections open at once; more are closed at once, and logged [default: no limit].",
+            _count,
+        ],
+        [
+            "idle-timeout",
+            None,
+            None,
+            "Close a relay after this many seconds with no bytes either way [default: never].",
+            _seconds,
+        ],
+        [
+            "half-close-timeout",
+            None,
+            "300",
+            "Close a relay when one direction has ended and no byte moved "
+            "for this many seconds (a client that sent EOF and left is otherwise only noticed when the target "
+            "speaks).",
+            _seconds,
+        ],
+        [
+            "shutdown-timeout",
+            None,
+            "30",
+            "On SIGTERM/SIGINT, seconds open connections get to finish before they are cut.",
+            _seconds,
+        ],
+        [
+            "operator-refresh",
+            None,
+            "60",
+            "Seconds between lookups of tailscaled's operator (from its prefs).",
+            _seconds,
+        ],
+        [
+            "log-format",
+            None,
+            "text",
+            "text or json (one JSON object per line). For the tsmux command; under "
+            "twistd, twistd's own --logger decides.",
+        ],
+        [
             "backlog",
             None,
             None,
@@ -148,6 +232,24 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        for name in ("socks-allow-uid", "socks-allow-gid", "admin-uid", "admin-gid"):
+            self[name] = set()
+
+    def opt_socks_allow_uid(self, user: str) -> None:
+        """Only this user (uid or name) may dial through SOCKS5 or the LocalAPI's dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may."""  # noqa: E501
+        self["socks-allow-uid"].add(_uid(user))
+
+    def opt_socks_allow_gid(self, group: str) -> None:
+        """Members of this group (gid or name; primary or supplementary) may dial; may repeat."""
+        self["socks-allow-gid"].add(_gid(group))
+
+    def opt_admin_uid(self, user: str) -> None:
+        """This user (uid or name) gets LocalAPI write access, like uid 0, tsmux's own uid and tailscaled's operator; may repeat. Everyone else gets read access only."""  # noqa: E501
+        self["admin-uid"].add(_uid(user))
+
+    def opt_admin_gid(self, group: str) -> None:
+        """Members of this group (gid or name) get LocalAPI write access; may repeat."""
+        self["admin-gid"].add(_gid(group))
 
     def opt_listen(self, address: str) -> None:
         """Where to listen; may repeat. An absolute path is a Unix socket tsmux manages (--mode, stale sockets replaced, removed on exit). Anything else is a Twisted endpoint description (unix:/path, systemd:domain=UNIX:index=0, tcp:1080:interface=127.0.0.1), used as Twisted gives it: --mode and stale-socket handling do not apply there. [default: /var/run/tailscale/tsmux.sock]"""  # noqa: E501 - usage.Options prints the docstring as is
@@ -170,6 +272,9 @@ class Options(usage.Options):
             ("detect-timeout", _seconds),
             ("handshake-timeout", _seconds),
             ("dial-timeout", _seconds),
+            ("shutdown-timeout", _seconds),
+            ("half-close-timeout", _seconds),
+            ("operator-refresh", _seconds),
         )
         for name, coerce in coercions:
             if isinstance(self[name], str):
@@ -177,6 +282,10 @@ class Options(usage.Options):
         for name, allowed in (("dialer", DIALERS), ("dial-self", DIAL_SELF_POLICIES)):
             if self[name] not in allowed:
                 raise usage.UsageError(f"--{name} must be one of {', '.join(allowed)}, not {self[name]!r}")
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
+        if self["group"] is not None and not isinstance(self["group"], int):
+            self["group"] = _gid(self["group"])
         if not self["localapi"].startswith("/"):
             raise usage.UsageError(f"--localapi wants an absolute path, not {self['localapi']!r}")
 
@@ -193,6 +302,17 @@ class Options(usage.Options):
             detectTimeout=self["detect-timeout"],
             handshakeTimeout=self["handshake-timeout"],
             dialTimeout=self["dial-timeout"],
+            socksAllowUids=frozenset(self["socks-allow-uid"]),
+            socksAllowGids=frozenset(self["socks-allow-gid"]),
+            adminUids=frozenset(self["admin-uid"]),
+            adminGids=frozenset(self["admin-gid"]),
+            group=self["group"],
+            maxConnections=self["max-connections"],
+            idleTimeout=self["idle-timeout"],
+            halfCloseTimeout=self["half-close-timeout"],
+            shutdownTimeout=self["shutdown-timeout"],
+            operatorRefresh=self["operator-refresh"],
+            logFormat=self["log-format"],
             **extra,
         )
 
@@ -202,7 +322,9 @@ class TsmuxService(service.Service):
     Listens on every configured address with one L{MuxFactory}.
 
     Listening happens in L{privilegedStartService} (before twistd drops
-    privileges); stopping removes the sockets tsmux created.
+    privileges).  Stopping stops accepting at once (removing the sockets
+    tsmux created), lets open connections finish for up to
+    C{shutdownTimeout} seconds, then cuts the rest.
     """
 
     log = Logger()
@@ -212,6 +334,12 @@ class TsmuxService(service.Service):
         self.reactor = reactor
         self.health = LocalAPIHealth(config.localapi, socksUsesIt=config.dialer == "localapi")
         self.dialer = makeDialer(config, reactor, self.health)
+        self.policy = AccessPolicy(
+            socksAllowUids=config.socksAllowUids,
+            socksAllowGids=config.socksAllowGids,
+            adminUids=config.adminUids,
+            adminGids=config.adminGids,
+        )
         self.factory = MuxFactory(
             reactor,
             self.dialer,
@@ -220,7 +348,14 @@ class TsmuxService(service.Service):
             handshakeTimeout=config.handshakeTimeout,
             connectTimeout=config.dialTimeout,
             health=self.health,
+            policy=self.policy,
+            maxConnections=config.maxConnections,
+            idleTimeout=config.idleTimeout,
+            halfCloseTimeout=config.halfCloseTimeout,
         )
+        self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
+        self.operator = OperatorWatcher(reactor, self.localapi, self.policy, config.operatorRefresh)
+        self._idleSweep: LoopingCall | None = None
         self.ports: list[IListeningPort] = []
 
     def preflight(self) -> None:
@@ -231,12 +366,15 @@ class TsmuxService(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        config = self.config
         try:
-            for address in self.config.listen:
+            for address in config.listen:
                 if address.startswith("/"):
-                    port = listenOnPath(self.reactor, address, self.factory, self.config.mode, self.config.backlog)
+                    port = listenOnPath(
+                        self.reactor, address, self.factory, config.mode, config.backlog, group=config.group
+                    )
                 else:
-                    port = listenOnDescription(self.reactor, address, self.factory, self.config.backlog)
+                    port = listenOnDescription(self.reactor, address, self.factory, config.backlog)
                 self.ports.append(port)
         except StartupError:
             for port in self.ports:
@@ -255,6 +393,13 @@ class TsmuxService(service.Service):
             localapi=self.config.localapi,
         )
         self.probeLocalAPI()
+        self.operator.start()
+        timeouts = [t for t in (self.config.idleTimeout, self.config.halfCloseTimeout) if t is not None]
+        if timeouts:
+            self._idleSweep = LoopingCall(self.factory.closeIdleRelays)
+            self._idleSweep.clock = self.reactor
+            # A relay is closed between the timeout and a quarter (at most 1 s) after it.
+            self._idleSweep.start(min(1.0, min(timeouts) / 4), now=False)
 
     def probeLocalAPI(self) -> defer.Deferred[None]:
         """Say once, at start, whether tailscaled's LocalAPI answers."""
@@ -272,9 +417,33 @@ class TsmuxService(service.Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
         ports, self.ports = self.ports, []
-        stopping = [defer.maybeDeferred(port.stopListening) for port in ports]
-        return defer.gatherResults(stopping).addCallback(lambda _: None)
+        await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+        self.operator.stop()
+        if self._idleSweep is not None and self._idleSweep.running:
+            self._idleSweep.stop()
+        await self.localapi.close()
+        open = self.factory.openConnections
+        if open:
+            self.log.info(
+                "stopped accepting; waiting up to {timeout:g} s for {count} open connection(s)",
+                timeout=self.config.shutdownTimeout,
+                count=len(open),
+            )
+        deadline = self.reactor.seconds() + self.config.shutdownTimeout
+        while open and self.reactor.seconds() < deadline:
+            await deferLater(self.reactor, min(0.05, max(0.0, deadline - self.reactor.seconds())))
+        if open:
+            self.log.warn("shutdown timeout: cutting {count} connection(s)", count=len(open))
+            for record in list(open):
+                record.cutAtShutdown = True
+                if record.transport is not None:
+                    record.transport.abortConnection()
+            # Aborted connections report their loss on the next turn; let their lines be logged.
+            await deferLater(self.reactor, 0.01)
 
 
 def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
