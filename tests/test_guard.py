@@ -140,6 +140,14 @@ class GuardedRelayTests(SynchronousTestCase):
         self.assertEqual(self.upstream.value(), sneaky)
         self.assertIn(b"403 Forbidden", self.client.value())
 
+    def test_malformedAfterARefusedUpgradeGets400(self) -> None:
+        """Found by the fuzz test: bytes held across an upgrade are framed later, and may be junk."""
+        sneaky = b"GET /localapi/v0/status HTTP/1.1\r\nUpgrade: x\r\n\r\n"
+        self.fromClient(sneaky + b"junk line\r\n\r\n")
+        self.fromTailscaled(OK)
+        self.assertIn(b"HTTP/1.1 400 Bad Request", self.client.value())
+        self.assertEqual(self.upstream.value(), sneaky)
+
     def test_dialFollowsSocksAllowList(self) -> None:
         self.relay._policy = AccessPolicy(ownUid=4242, socksAllowUids=frozenset({1000}))
         self.fromClient(b"POST /localapi/v0/dial HTTP/1.1\r\nUpgrade: ts-dial\r\nConnection: upgrade\r\n\r\n")

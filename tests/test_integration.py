@@ -40,6 +40,14 @@ def localapiGet(socketPath: str, path: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+def assertCleanLog(testCase, log: str) -> None:
+    """No traceback or unhandled error in a tsmux log; on failure, show where (not the whole log)."""
+    for marker in ("Traceback", "Unhandled"):
+        index = log.find(marker)
+        if index >= 0:
+            testCase.fail(f"{marker!r} in tsmux's log:\n{log[max(0, index - 300) : index + 3000]}")
+
+
 class IntegrationTestMixin:
     skip = tailnetSkipReason()
 
@@ -53,9 +61,7 @@ class IntegrationTestMixin:
 
     def assertNoTraceback(self, tsmux: TsmuxProcess) -> None:
         tsmux.stop()
-        log = tsmux.log()
-        self.assertNotIn("Traceback", log, log)
-        self.assertNotIn("Unhandled", log, log)
+        assertCleanLog(self, tsmux.log())
 
 
 class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):

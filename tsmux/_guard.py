@@ -77,8 +77,12 @@ class GuardedRelay(Relay):
             return
         if self.refusal is not None:
             return  # nothing after a refused request is forwarded
+        self._frame(self._requests.receive, data)
+
+    def _frame(self, parse: Callable[..., list[object]], *args: bytes) -> None:
+        """Frame client bytes (new ones, or those held across an upgrade) and forward what passes."""
         try:
-            events = self._requests.receive(data)
+            events = parse(*args)
         except HTTPFramingError as error:
             self._refuse(400, "Bad Request", f"tsmux: malformed HTTP request: {error}\n", str(error))
             return
@@ -138,7 +142,7 @@ class GuardedRelay(Relay):
                 self.upstream.transport.write(rest)
         elif self._requests.stopped and self._outstanding == 0:
             # The upgrade was answered without 101: what the client sent next is HTTP.
-            self._forward(self._requests.resume())
+            self._frame(self._requests.resume)
         self._answerIfDue()
 
     def _endLost(self, end: RelayEnd, reason: Failure) -> None:

@@ -1,0 +1,285 @@
+"""
+tsmux under hostile and heavy use, as a real process in front of a real
+tailscaled: junk input, silent connections, connection limits, shutdown and
+tailscaled dying mid-transfer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tsmux._dialers import buildDialRequest
+from tsmux._socks5 import buildRequest
+
+from ._otheruser import requireOtherUser
+from ._tailnet import HELLO_BODY
+from ._tsmuxprocess import TsmuxProcess
+from .test_integration import IntegrationTestMixin, assertCleanLog, socksCurl
+
+
+def openFds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def waitFor(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def mutate(rng: random.Random, data: bytes) -> bytes:
+    data = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        choice = rng.random()
+        if choice < 0.4 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif choice < 0.6 and data:
+            del data[rng.randrange(len(data)) :]
+        elif choice < 0.8:
+            position = rng.randrange(len(data) + 1)
+            data[position:position] = rng.randbytes(rng.randint(1, 20))
+        else:
+            data += data[: rng.randint(0, len(data))]
+    return bytes(data)
+
+
+def hostileInputs(seed: int, count: int, echoPort: int, closedPort: int) -> list[bytes]:
+    """Random bytes, and mutations of what tsmux expects."""
+    rng = random.Random(seed)
+    seeds = [
+        b"\x05\x01\x00" + buildRequest("127.0.0.1", echoPort) + b"hello",
+        b"\x05\x01\x00" + buildRequest("127.0.0.1", closedPort),
+        b"\x05\x02\x00\x02" + buildRequest("peer.example.ts.net", 80),
+        b"\x05\x01\x00" + buildRequest("::1", echoPort, command=3),
+        b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n",
+        b"POST /localapi/v0/logout HTTP/1.1\r\nHost: local-tailscaled.sock\r\nContent-Length: 0\r\n\r\n",
+        b"PUT /localapi/v0/file-put/x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        buildDialRequest("127.0.0.1", echoPort) + b"raw",
+        b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00",
+        b"\x16\x03\x01\x00\x05hello",
+    ]
+    inputs = []
+    for index in range(count):
+        if index % 4 == 0:
+            inputs.append(rng.randbytes(rng.randint(0, 300)))
+        else:
+            inputs.append(mutate(rng, rng.choice(seeds)))
+    return inputs
+
+
+# Run as another user too (the LocalAPI guard's parser only sees non-admins).
+FUZZER = r"""
+import json, socket, sys, threading
+path = sys.argv[1]
+inputs = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
+def one(data, index):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(0.3)
+    try:
+        s.connect(path)
+        s.sendall(data)
+        if index % 2:
+            s.shutdown(socket.SHUT_WR)
+        s.recv(65536)
+    except OSError:
+        pass
+    finally:
+        s.close()
+def worker(start):
+    for index in range(start, len(inputs), 16):
+        one(inputs[index], index)
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("done", len(inputs))
+"""
+
+
+class HostileTestMixin(IntegrationTestMixin):
+    def startTsmux(self, *args: str, **kw) -> TsmuxProcess:
+        return super().startTsmux("--mode", "0666", *args, **kw)
+
+    def goodClientWorks(self, tsmux: TsmuxProcess) -> None:
+        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
+
+
+class FuzzTests(HostileTestMixin, SynchronousTestCase):
+    def test_thousandsOfHostileInputs(self) -> None:
+        requireOtherUser()
+        tsmux = self.startTsmux("--detect-timeout", "2", "--handshake-timeout", "2", "--dial-timeout", "3")
+        pid = tsmux.process.pid
+        self.goodClientWorks(tsmux)
+        time.sleep(0.3)
+        baseline = openFds(pid)
+        inputs = hostileInputs(20261125, 3000, self.tailnet.echoPort, self.tailnet.closedPort)
+        hexed = [data.hex() for data in inputs]
+        halves = (hexed[:1500], hexed[1500:])
+        root = subprocess.run(
+            [sys.executable, "-c", FUZZER, tsmux.socketPath],
+            input=json.dumps(halves[0]).encode(),
+            capture_output=True,
+            timeout=300,
+        )
+        self.assertEqual(root.returncode, 0, root.stderr)
+        nobody = pythonAsNobodyWithInput(FUZZER, tsmux.socketPath, json.dumps(halves[1]).encode())
+        self.assertEqual(nobody.returncode, 0, nobody.stderr)
+        self.assertIsNone(tsmux.process.poll(), "tsmux died")
+        self.goodClientWorks(tsmux)
+        waitFor(lambda: openFds(pid) <= baseline, 30, f"tsmux's fds back to {baseline} (now {openFds(pid)})")
+        log = tsmux.log()
+        assertCleanLog(self, log)
+        self.assertGreater(log.count("tsmux.connection"), 3000)
+
+
+def pythonAsNobodyWithInput(script: str, path: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+    from ._otheruser import _SETPRIV, pythonForNobody
+
+    python = pythonForNobody()
+    assert python is not None, "no interpreter for uid 65534"
+    return subprocess.run([*_SETPRIV, python, "-c", script, path], input=data, capture_output=True, timeout=300)
+
+
+class SilentConnectionTests(HostileTestMixin, SynchronousTestCase):
+    def test_silentConnectionsClosedAtDetectTimeoutWhileServing(self) -> None:
+        tsmux = self.startTsmux("--detect-timeout", "2")
+        silent = []
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(tsmux.socketPath)
+            silent.append(sock)
+        self.addCleanup(lambda: [s.close() for s in silent])
+        started = time.monotonic()
+        self.goodClientWorks(tsmux)
+        self.assertLess(time.monotonic() - started, 1.5, "the good client waited behind the silent ones")
+        for sock in silent:
+            sock.settimeout(10)
+            self.assertEqual(sock.recv(1), b"")  # closed by tsmux
+        self.assertLess(time.monotonic() - started, 6)
+        tsmux.stop()
+        self.assertEqual(tsmux.log().count("timeout: no protocol shown within 2 s"), 300)
+
+
+class MaxConnectionsTests(HostileTestMixin, SynchronousTestCase):
+    def test_exactlyTheExcessRefusedThenServiceResumes(self) -> None:
+        tsmux = self.startTsmux("--max-connections", "20", "--detect-timeout", "60")
+        time.sleep(0.2)  # the readiness probe's connection is gone
+        held = []
+        for _ in range(20):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(tsmux.socketPath)
+            held.append(sock)
+        time.sleep(0.5)  # all accepted
+        for _ in range(5):
+            extra = socket.socket(socket.AF_UNIX)
+            extra.settimeout(5)
+            extra.connect(tsmux.socketPath)
+            try:
+                self.assertEqual(extra.recv(1), b"")
+            except ConnectionResetError:
+                pass  # closed at once, with a reset
+            extra.close()
+        for sock in held:
+            sock.close()
+        time.sleep(0.3)
+        self.goodClientWorks(tsmux)
+        tsmux.stop()
+        self.assertEqual(tsmux.log().count("refused: over --max-connections (20 open)"), 5)
+
+
+class ShutdownTests(HostileTestMixin, SynchronousTestCase):
+    def test_sigtermDuringATransferLetsItFinish(self) -> None:
+        size = 40 * 1024 * 1024
+        tsmux = self.startTsmux()
+        curl = subprocess.Popen(
+            [
+                "curl",
+                "-sS",
+                "--limit-rate",
+                "20M",
+                "-o",
+                "-",
+                "-x",
+                f"socks5h://localhost{tsmux.socketPath}",
+                f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        received: list[bytes] = []
+        reader = threading.Thread(target=lambda: received.append(curl.stdout.read()))
+        reader.start()
+        time.sleep(0.7)
+        tsmux.process.send_signal(signal.SIGTERM)
+        waitFor(lambda: not os.path.exists(tsmux.socketPath), 5, "the socket to be removed")
+        refused = socket.socket(socket.AF_UNIX)
+        with self.assertRaises(OSError):
+            refused.connect(tsmux.socketPath)
+        refused.close()
+        reader.join(60)
+        curl.wait(60)
+        self.assertEqual(curl.returncode, 0, curl.stderr.read())
+        self.assertEqual(len(received[0]), size)
+        self.assertEqual(tsmux.process.wait(30), 0)
+        log = tsmux.log()
+        self.assertIn("waiting up to 30 s for 1 open connection(s)", log)
+        self.assertNotIn("cut-at-shutdown", log)
+
+    def test_shutdownTimeoutCutsWhatIsLeft(self) -> None:
+        tsmux = self.startTsmux("--shutdown-timeout", "1")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(tsmux.socketPath)
+        sock.sendall(b"\x05\x01\x00" + buildRequest("127.0.0.1", self.tailnet.echoPort))
+        time.sleep(0.3)
+        tsmux.process.send_signal(signal.SIGTERM)
+        self.assertEqual(tsmux.process.wait(10), 0)
+        sock.close()
+        self.assertIn("cut-at-shutdown", tsmux.log())
+
+
+class TailscaledDiesTests(HostileTestMixin, SynchronousTestCase):
+    def test_killedMidTransfer(self) -> None:
+        tsmux = self.startTsmux()
+        pid = tsmux.process.pid
+        self.goodClientWorks(tsmux)
+        time.sleep(0.3)
+        baseline = openFds(pid)
+        curls = [
+            subprocess.Popen(
+                [
+                    "curl",
+                    "-sS",
+                    "--limit-rate",
+                    "5M",
+                    "-o",
+                    "/dev/null",
+                    "-x",
+                    f"socks5h://localhost{tsmux.socketPath}",
+                    f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={50 * 1024 * 1024}",
+                ],
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(3)
+        ]
+        time.sleep(0.8)
+        self.tailnet.killTailscaled()
+        for curl in curls:
+            curl.wait(30)
+            self.assertNotEqual(curl.returncode, 0)  # cut short, and told so
+        self.assertIsNone(tsmux.process.poll())
+        self.tailnet.startTailscaled()
+        self.goodClientWorks(tsmux)
+        waitFor(lambda: openFds(pid) <= baseline, 20, f"fds back to {baseline} (now {openFds(pid)})")
+        assertCleanLog(self, tsmux.log())
