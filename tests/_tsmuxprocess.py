@@ -25,9 +25,10 @@ def tsmuxCommand() -> list[str]:
     return [sys.executable, "-m", "tsmux"]
 
 
-def twistdCommand() -> list[str]:
+def twistdCommand(twistdArgs: list[str] = ()) -> list[str]:
     """twistd itself (C{python -m twisted} is the newer C{twist}, with other options)."""
-    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "--pidfile=", "-n", "tsmux"]
+    run = "from twisted.scripts.twistd import run; run()"
+    return [sys.executable, "-c", run, "--pidfile=", *twistdArgs, "-n", "tsmux"]
 
 
 def childEnvironment() -> dict[str, str]:
@@ -94,11 +95,15 @@ class TsmuxProcess:
 
 
 def startTsmux(
-    testCase: unittest.TestCase, *args: str, twistd: bool = False, socketPath: str | None = None
+    testCase: unittest.TestCase,
+    *args: str,
+    twistd: bool = False,
+    socketPath: str | None = None,
+    twistdArgs: tuple[str, ...] | list[str] = (),
 ) -> TsmuxProcess:
     directory = shortDir(testCase)
     path = socketPath or os.path.join(directory, "tsmux.sock")
-    command = twistdCommand() if twistd else tsmuxCommand()
+    command = twistdCommand(list(twistdArgs)) if twistd else tsmuxCommand()
     tsmux = TsmuxProcess([*command, "--listen", path, *args], path, os.path.join(directory, "tsmux.log"))
     testCase.addCleanup(tsmux.stop)
     tsmux.waitUntilListening()

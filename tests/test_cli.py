@@ -8,7 +8,7 @@ import stat
 import subprocess
 
 from twisted.internet.protocol import Factory
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tsmux._listen import StartupError, listenOnDescription, listenOnPath, withBacklog
 from tsmux._service import Options
@@ -158,3 +158,36 @@ class DescriptionTests(SynchronousTestCase):
         with self.assertRaises(StartupError) as caught:
             listenOnDescription(reactor, "carrier:pigeon", Factory(), 16)
         self.assertIn("bad --listen 'carrier:pigeon'", str(caught.exception))
+
+
+class GroupAndLogFormatTests(SynchronousTestCase):
+    def test_groupOwnsTheSocket(self) -> None:
+        import grp
+
+        if os.geteuid() != 0:
+            raise SkipTest("chown to another group needs root")
+        nogroup = grp.getgrnam("nogroup").gr_gid
+        tsmux = startTsmux(self, "--dialer", "direct", "--group", "nogroup")
+        info = os.stat(tsmux.socketPath)
+        self.assertEqual((info.st_gid, stat.S_IMODE(info.st_mode)), (nogroup, 0o660))
+
+    def test_unknownGroup(self) -> None:
+        result = run([*tsmuxCommand(), "--group", "no-such-group-here"])
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("no such group", result.stderr)
+
+    def test_jsonLines(self) -> None:
+        import json
+
+        tsmux = startTsmux(self, "--dialer", "direct", "--log-format", "json")
+        tsmux.stop()
+        events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
+        self.assertTrue(any(e.get("log_namespace") == "tsmux.connection" for e in events), tsmux.log())
+
+    def test_twistdJsonLogger(self) -> None:
+        import json
+
+        tsmux = startTsmux(self, "--dialer", "direct", twistd=True, twistdArgs=["--logger=tsmux.jsonLogObserver"])
+        tsmux.stop()
+        events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
+        self.assertTrue(any(e.get("log_namespace") == "tsmux.connection" for e in events), tsmux.log())

@@ -6,6 +6,7 @@ what a program embedding or extending it needs: the dialer interface and its
 implementations, the typed dial errors, and the server factory.
 """
 
+from ._cli import jsonLogObserver
 from ._dialers import DirectDialer, LocalAPIDialer
 from ._errors import (
     ConnectionRefused,
@@ -38,5 +39,6 @@ __all__ = [
     "NetworkUnreachable",
     "Options",
     "buildService",
+    "jsonLogObserver",
     "__version__",
 ]

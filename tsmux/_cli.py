@@ -59,3 +59,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def jsonLogObserver() -> object:
+    """
+    For twistd: C{twistd --logger=tsmux.jsonLogObserver -n tsmux ...} logs one
+    JSON object per line to stdout, as C{tsmux --log-format json} does to stderr.
+    """
+    return jsonFileLogObserver(sys.stdout)

@@ -217,8 +217,8 @@ class Options(usage.Options):
             "log-format",
             None,
             "text",
-            "text or json (one JSON object per line). For the tsmux command; under "
-            "twistd, twistd's own --logger decides.",
+            "text or json (one JSON object per line), for the tsmux command. Under twistd, "
+            "use twistd's --logger=tsmux.jsonLogObserver instead.",
         ],
         [
             "backlog",
