@@ -100,11 +100,13 @@ def startTsmux(
     twistd: bool = False,
     socketPath: str | None = None,
     twistdArgs: tuple[str, ...] | list[str] = (),
+    prefix: tuple[str, ...] | list[str] = (),
 ) -> TsmuxProcess:
     directory = shortDir(testCase)
     path = socketPath or os.path.join(directory, "tsmux.sock")
     command = twistdCommand(list(twistdArgs)) if twistd else tsmuxCommand()
-    tsmux = TsmuxProcess([*command, "--listen", path, *args], path, os.path.join(directory, "tsmux.log"))
+    argv = [*prefix, *command, "--listen", path, *args]
+    tsmux = TsmuxProcess(argv, path, os.path.join(directory, "tsmux.log"))
     testCase.addCleanup(tsmux.stop)
     tsmux.waitUntilListening()
     return tsmux

@@ -29,6 +29,7 @@ from ._errors import (
     DialTimeout,
     HostUnreachable,
     LocalAPIUnreachable,
+    UpstreamUnreachable,
     dialErrorFromFailure,
     dialErrorFromLocalAPI,
     failureReason,
@@ -36,6 +37,7 @@ from ._errors import (
 from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
 from ._relay import HeldConnection, quietConnect
+from ._socks5client import SOCKS5ClientProtocol
 
 DialSelfPolicy = Literal["refuse", "direct"]
 DEFAULT_DIAL_TIMEOUT = 10.0
@@ -330,3 +332,45 @@ def _splitAddress(address: str) -> tuple[str, int] | None:
     if not colon or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
+
+
+@implementer(IDialer)
+class SOCKS5Dialer:
+    """
+    Chains to an upstream SOCKS5 server (tailscaled's C{--socks5-server} on
+    TCP, or another Unix socket), with the project's codec in the client
+    role.  Names go upstream unresolved; the upstream's reply code is passed
+    on to our client unchanged.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        endpoint: IStreamClientEndpoint,
+        description: str,
+        credentials: tuple[bytes, bytes] | None = None,
+        timeout: float = DEFAULT_DIAL_TIMEOUT,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoint = endpoint
+        self._credentials = credentials
+        self._timeout = timeout
+        self.description = f"socks5:{description}"
+        self._where = description
+
+    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+        try:
+            _checkTarget(host, port)
+        except DialError as failure:
+            return defer.fail(failure)
+        protocol = SOCKS5ClientProtocol(host, port, self._credentials)
+        connecting = quietConnect(self._endpoint, protocol)
+        connecting.addCallbacks(lambda connected: connected.answered, self._unreachable)
+        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port} via {self.description}")
+
+    def _unreachable(self, failure: Failure) -> Failure:
+        if failure.check(defer.CancelledError, error.ConnectingCancelledError):
+            return failure
+        return Failure(
+            UpstreamUnreachable(f"upstream SOCKS5 server {self._where} is unreachable: {failureReason(failure)}")
+        )

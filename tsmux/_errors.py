@@ -65,6 +65,12 @@ class LocalAPIUnreachable(DialError):
     kind = "localapi-unreachable"
 
 
+class UpstreamUnreachable(DialError):
+    """An upstream proxy (SOCKS5 server) could not be reached: tsmux could not ask."""
+
+    kind = "upstream-unreachable"
+
+
 _ERRNO_CLASSES: dict[int, type[DialError]] = {
     errno.ECONNREFUSED: ConnectionRefused,
     errno.EHOSTUNREACH: HostUnreachable,

@@ -81,7 +81,7 @@ def parseResponseHead(data: bytes) -> tuple[ResponseHead, int] | None:
     return ResponseHead(parts[0], int(parts[1]), reason, tuple(headers)), end + 4
 
 
-def buildSimpleResponse(status: int, reason: str, body: str) -> bytes:
+def buildSimpleResponse(status: int, reason: str, body: str, extraHeaders: str = "") -> bytes:
     """
     A complete response that closes the connection: what tsmux itself says
     when it cannot pass a request on (e.g. the LocalAPI is unreachable).
@@ -92,5 +92,6 @@ def buildSimpleResponse(status: int, reason: str, body: str) -> bytes:
         "Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(payload)}\r\n"
         "Connection: close\r\n"
+        f"{extraHeaders}"
         "\r\n"
     ).encode("ascii") + payload

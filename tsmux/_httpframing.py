@@ -94,7 +94,7 @@ def _parseHeaderLines(lines: list[bytes]) -> tuple[tuple[str, str], ...]:
     return tuple(headers)
 
 
-def _splitHead(buffer: bytes) -> tuple[list[bytes], int] | None:
+def splitHead(buffer: bytes) -> tuple[list[bytes], int] | None:
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         if len(buffer) > MAX_HEAD:
@@ -226,7 +226,7 @@ class RequestFramer:
                 if ended:
                     self._endMessage(events)
                 continue
-            split = _splitHead(self._buffer)
+            split = splitHead(self._buffer)
             if split is None:
                 if self._buffer.startswith(b"\r\n"):
                     # RFC 9112 2.2: a server SHOULD ignore empty lines before a request.
@@ -315,7 +315,7 @@ class ResponseFramer:
                 self._bodyLeft = None
                 completed += 1
                 continue
-            split = _splitHead(self._buffer)
+            split = splitHead(self._buffer)
             if split is None:
                 break
             lines, used = split

@@ -10,6 +10,8 @@ connection through every owner and writes its single log line at the end.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from twisted.internet import defer
@@ -21,12 +23,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._auth import Credentials
 from ._detect import SOCKS4_REJECTED, detect
 from ._detect import Protocol as Detected
 from ._dialers import LocalAPIHealth
-from ._errors import dialErrorFromFailure, failureReason
+from ._errors import DialRefusedByPolicy, DialTimeout, dialErrorFromFailure, failureReason
 from ._guard import GuardedRelay
 from ._http import buildSimpleResponse
+from ._httpframing import HTTPFramingError, parseRequestHead, splitHead
 from ._interfaces import IDialer, IUpstream
 from ._peercred import PeerCredentials, peerCredentials
 from ._policy import AccessPolicy
@@ -35,6 +39,7 @@ from ._socks5 import (
     Close,
     ConnectRequested,
     CredentialsReceived,
+    Method,
     Reply,
     SendBytes,
     SOCKS5ServerCodec,
@@ -62,6 +67,7 @@ class ConnectionRecord:
         self.target: str | None = None
         self.requests: int | None = None
         self.access: str | None = None
+        self.username: str | None = None
         self.bytesFromClient = 0
         self.bytesToClient = 0
         self.outcome: str | None = None
@@ -94,7 +100,8 @@ class ConnectionRecord:
             "{protocol} {peer} {subject} up={bytesFromClient} down={bytesToClient} "
             "{duration:.3f}s {outcome}{separator}{detail}",
             protocol=self.protocol,
-            peer=str(self.peer) if self.peer is not None else "peer=?",
+            peer=(str(self.peer) if self.peer is not None else "peer=?")
+            + (f" user={self.username!r}" if self.username is not None else ""),
             subject=self._subject(),
             target=self.target,
             requests=self.requests,
@@ -108,6 +115,7 @@ class ConnectionRecord:
             pid=self.peer.pid if self.peer else None,
             uid=self.peer.uid if self.peer else None,
             gid=self.peer.gid if self.peer else None,
+            username=self.username,
         )
         if self._onFinished is not None:
             self._onFinished(self)
@@ -134,6 +142,7 @@ class MuxFactory(Factory):
         maxConnections: int | None = None,
         idleTimeout: float | None = None,
         halfCloseTimeout: float | None = 300.0,
+        credentials: Credentials | None = None,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
@@ -146,6 +155,7 @@ class MuxFactory(Factory):
         self.maxConnections = maxConnections
         self.idleTimeout = idleTimeout
         self.halfCloseTimeout = halfCloseTimeout
+        self.credentials = credentials
         self.openConnections: set[ConnectionRecord] = set()
         self.relays: set[Relay] = set()
 
@@ -206,6 +216,10 @@ class MuxProtocol(Protocol):
         if verdict.protocol is Detected.SOCKS5:
             self.record.protocol = "socks5"
             next = SOCKS5ServerProtocol(self._mux, self.record)
+        elif verdict.protocol is Detected.HTTP and buffered.startswith(b"CONNECT "):
+            # The LocalAPI never uses CONNECT (tailscaled answers 405 on Linux): it is ours.
+            self.record.protocol = "http-connect"
+            next = HTTPConnectProtocol(self._mux, self.record)
         elif verdict.protocol is Detected.HTTP:
             self.record.protocol = "localapi"
             self.record.requests = 0
@@ -354,7 +368,8 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
 
     def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
         super().__init__(mux, record)
-        self._codec = SOCKS5ServerCodec()
+        methods = (Method.USERNAME_PASSWORD,) if mux.credentials is not None else (Method.NO_AUTH,)
+        self._codec = SOCKS5ServerCodec(methods)
         self._handshakeBytes = 0
         self._codecLeftover = 0
         self._timer: IDelayedCall | None = None
@@ -383,7 +398,10 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
             self._hold(data)
             return
         self._handshakeBytes += len(data)
-        for event in self._codec.receive(data):
+        self._handle(self._codec.receive(data))
+
+    def _handle(self, events: list[object]) -> None:
+        for event in events:
             if isinstance(event, SendBytes):
                 self.transport.write(event.data)
                 self.record.bytesToClient += len(event.data)
@@ -396,8 +414,12 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
             elif isinstance(event, ConnectRequested):
                 self._connect(event)
                 return
-            elif isinstance(event, CredentialsReceived):  # pragma: no cover - no auth offered yet
-                self.transport.loseConnection()
+            elif isinstance(event, CredentialsReceived):
+                credentials = event.credentials
+                assert self._mux.credentials is not None
+                ok = self._mux.credentials.check(credentials.username, credentials.password)
+                self.record.username = credentials.username.decode("utf-8", "replace")
+                self._handle(self._codec.acceptCredentials(ok))
                 return
 
     def _connect(self, event: ConnectRequested) -> None:
@@ -498,3 +520,146 @@ class LocalAPIGuard(LocalAPIPassthrough):
             outcome = "refused-by-policy" if guard.refusedStatus == 403 else "client-error"
             return f"{outcome} status={guard.refusedStatus}", guard.refusal
         return super()._relayOutcome(relay)
+
+
+def _splitAuthority(authority: str) -> tuple[str, int] | None:
+    """C{host:port} or C{[v6]:port} as CONNECT carries it, or C{None}."""
+    host, colon, port = authority.rpartition(":")
+    if not colon or not host or not port.isascii() or not port.isdigit() or not 0 < int(port) <= 0xFFFF:
+        return None
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return None
+        host = host[1:-1]
+    elif ":" in host:
+        return None
+    return host, int(port)
+
+
+@implementer(IHalfCloseableProtocol)
+class HTTPConnectProtocol(_WaitingForUpstream):
+    """
+    HTTP CONNECT on the mux socket, for tools that speak only HTTP proxies:
+    the same dialer and policy as SOCKS5, C{200} then the relay (bytes after
+    the request head kept), and errors as HTTP statuses.
+    """
+
+    def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
+        super().__init__(mux, record)
+        self._buffer = b""
+        self._requested = False
+        self._headBytes = 0
+        self._leftover = 0
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._mux.reactor.callLater(self._mux.handshakeTimeout, self._timedOut)
+
+    def _timedOut(self) -> None:
+        self._timer = None
+        self.record.bytesFromClient = len(self._buffer)
+        self.record.finish("timeout", f"CONNECT request not complete within {self._mux.handshakeTimeout:g} s")
+        self.transport.abortConnection()
+
+    def _stopTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopTimer()
+        super().connectionLost(reason)
+
+    def _handshakeBytesFromClient(self) -> int:
+        return self._headBytes - self._leftover if self._requested else len(self._buffer)
+
+    def _answer(self, status: int, reason: str, body: str, outcome: str, headers: str = "") -> None:
+        self._stopTimer()
+        response = buildSimpleResponse(status, reason, body, headers)
+        self.transport.write(response)
+        self.record.bytesToClient += len(response)
+        self.record.bytesFromClient = self._handshakeBytesFromClient() + self._pendingSize
+        self.record.finish(outcome, body.strip())
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._requested:
+            self._hold(data)
+            return
+        self._buffer += data
+        try:
+            split = splitHead(self._buffer)
+            if split is None:
+                return
+            lines, used = split
+            head = parseRequestHead(lines)
+        except HTTPFramingError as error:
+            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT request: {error}\n", "client-error")
+            return
+        self._headBytes = len(self._buffer)
+        rest = self._buffer[used:]
+        target = _splitAuthority(head.target)
+        if head.method != "CONNECT" or target is None:
+            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT authority {head.target!r}\n", "client-error")
+            return
+        host, port = target
+        self.record.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if self._mux.credentials is not None and not self._authorized(head.header("Proxy-Authorization")):
+            self._answer(
+                407,
+                "Proxy Authentication Required",
+                "tsmux: this proxy needs a username and password\n",
+                "refused-by-policy",
+                'Proxy-Authenticate: Basic realm="tsmux"\r\n',
+            )
+            return
+        decision = self._mux.policy.mayDial(self.record.peer)
+        if not decision.allowed:
+            self._answer(403, "Forbidden", f"tsmux: {decision.reason}\n", "refused-by-policy")
+            return
+        self._stopTimer()
+        self._requested = True
+        self._leftover = len(rest)
+        self._buffer = b""
+        if rest:
+            self._hold(rest)
+        self._waitFor(self._mux.dialer.dial(host, port))
+
+    def _authorized(self, header: str | None) -> bool:
+        assert self._mux.credentials is not None
+        if header is None:
+            return False
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            username, colon, password = base64.b64decode(encoded.strip(), validate=True).partition(b":")
+        except (ValueError, binascii.Error):
+            return False
+        self.record.username = username.decode("utf-8", "replace")
+        return bool(colon) and self._mux.credentials.check(username, password)
+
+    def _beforeRelay(self, upstream: IUpstream) -> None:
+        response = b"HTTP/1.1 200 Connection established\r\n\r\n"
+        self.transport.write(response)
+        self.record.bytesToClient += len(response)
+
+    def _answerFailure(self, failure: Failure) -> None:
+        error = dialErrorFromFailure(failure)
+        if isinstance(error, DialTimeout):
+            status, reason = 504, "Gateway Timeout"
+        elif isinstance(error, DialRefusedByPolicy):
+            status, reason = 403, "Forbidden"
+        else:
+            status, reason = 502, "Bad Gateway"
+        response = buildSimpleResponse(status, reason, f"tsmux: {error.reason}\n")
+        self.transport.write(response)
+        self.record.bytesToClient += len(response)
+        self.record.bytesFromClient = self._handshakeBytesFromClient() + self._pendingSize
+        self.record.finish(f"dial-error status={status} {error.kind}", error.reason)
+
+    def readConnectionLost(self) -> None:
+        if not self._requested:
+            self.record.bytesFromClient = len(self._buffer)
+            self.record.finish("client-closed", "client shut down its side before its CONNECT was complete")
+        super().readConnectionLost()

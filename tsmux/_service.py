@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.endpoints import UNIXClientEndpoint, clientFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall, deferLater
@@ -22,7 +22,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.failure import Failure
 
-from ._dialers import DEFAULT_DIAL_TIMEOUT, DirectDialer, LocalAPIDialer, LocalAPIHealth
+from ._auth import Credentials, readUpstreamCredentials
+from ._dialers import DEFAULT_DIAL_TIMEOUT, DirectDialer, LocalAPIDialer, LocalAPIHealth, SOCKS5Dialer
 from ._errors import failureReason
 from ._interfaces import IDialer
 from ._listen import (
@@ -39,7 +40,7 @@ from ._server import MuxFactory
 
 DEFAULT_LISTEN = "/var/run/tailscale/tsmux.sock"
 DEFAULT_LOCALAPI = "/var/run/tailscale/tailscaled.sock"
-DIALERS = ("localapi", "direct")
+DIALERS = ("localapi", "direct", "socks5:ENDPOINT")
 DIAL_SELF_POLICIES = ("refuse", "direct")
 
 
@@ -67,6 +68,8 @@ class Config:
     shutdownTimeout: float = 30.0
     operatorRefresh: float = 60.0
     logFormat: str = "text"
+    socksAuth: str | None = None
+    upstreamAuth: str | None = None
 
 
 def _octalMode(text: str) -> int:
@@ -143,9 +146,11 @@ class Options(usage.Options):
             "dialer",
             None,
             "localapi",
-            "How SOCKS5 CONNECTs leave: 'localapi' through tailscaled "
-            "(names resolved by tailscaled, MagicDNS works) or 'direct' (TCP from this host, as tsmux's "
-            "user; for use without tailscaled).",
+            "How SOCKS5 and HTTP CONNECT dials leave: 'localapi' through tailscaled (names resolved by "
+            "tailscaled, MagicDNS works); 'direct' (TCP from this host, as tsmux's user; for use without "
+            "tailscaled); or 'socks5:ENDPOINT', chained to an upstream SOCKS5 server given as a Twisted "
+            "client endpoint (socks5:tcp:127.0.0.1:1080 for tailscaled's --socks5-server, "
+            "socks5:unix:/path), names passed on unresolved.",
         ],
         [
             "dial-self",
@@ -214,6 +219,19 @@ class Options(usage.Options):
             _seconds,
         ],
         [
+            "socks-auth",
+            None,
+            None,
+            "File of user:password lines: SOCKS5 clients must then authenticate (RFC 1929), and HTTP "
+            "CONNECT clients send Proxy-Authorization: Basic. Refused if others may read it.",
+        ],
+        [
+            "upstream-auth",
+            None,
+            None,
+            "File with one user:password line that the socks5: dialer presents upstream.",
+        ],
+        [
             "log-format",
             None,
             "text",
@@ -279,9 +297,13 @@ class Options(usage.Options):
         for name, coerce in coercions:
             if isinstance(self[name], str):
                 self[name] = coerce(self[name])
-        for name, allowed in (("dialer", DIALERS), ("dial-self", DIAL_SELF_POLICIES)):
-            if self[name] not in allowed:
-                raise usage.UsageError(f"--{name} must be one of {', '.join(allowed)}, not {self[name]!r}")
+        dialer = self["dialer"]
+        if dialer not in ("localapi", "direct") and not (dialer.startswith("socks5:") and len(dialer) > 7):
+            raise usage.UsageError(f"--dialer must be one of {', '.join(DIALERS)}, not {dialer!r}")
+        if self["dial-self"] not in DIAL_SELF_POLICIES:
+            raise usage.UsageError(
+                f"--dial-self must be one of {', '.join(DIAL_SELF_POLICIES)}, not {self['dial-self']!r}"
+            )
         if self["log-format"] not in ("text", "json"):
             raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
         if self["group"] is not None and not isinstance(self["group"], int):
@@ -313,6 +335,8 @@ class Options(usage.Options):
             shutdownTimeout=self["shutdown-timeout"],
             operatorRefresh=self["operator-refresh"],
             logFormat=self["log-format"],
+            socksAuth=self["socks-auth"],
+            upstreamAuth=self["upstream-auth"],
             **extra,
         )
 
@@ -352,6 +376,7 @@ class TsmuxService(service.Service):
             maxConnections=config.maxConnections,
             idleTimeout=config.idleTimeout,
             halfCloseTimeout=config.halfCloseTimeout,
+            credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
         )
         self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
         self.operator = OperatorWatcher(reactor, self.localapi, self.policy, config.operatorRefresh)
@@ -450,6 +475,14 @@ def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
     direct = DirectDialer(reactor, config.dialTimeout)
     if config.dialer == "direct":
         return direct
+    if config.dialer.startswith("socks5:"):
+        description = config.dialer[len("socks5:") :]
+        try:
+            endpoint = clientFromString(reactor, description)
+        except (ValueError, KeyError, IndexError, TypeError) as error:
+            raise StartupError(f"bad --dialer socks5:{description}: {error}") from None
+        credentials = readUpstreamCredentials(config.upstreamAuth) if config.upstreamAuth else None
+        return SOCKS5Dialer(reactor, endpoint, description, credentials, timeout=config.dialTimeout)
     return LocalAPIDialer(
         reactor,
         config.localapi,
