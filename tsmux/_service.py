@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import grp
 import pwd
+import shutil
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -34,13 +35,14 @@ from ._listen import (
     prepareSocketPath,
 )
 from ._localapi import LocalAPIClient, OperatorWatcher
+from ._nc import NcDialer
 from ._policy import AccessPolicy
 from ._relay import quietConnect
 from ._server import MuxFactory
 
 DEFAULT_LISTEN = "/var/run/tailscale/tsmux.sock"
 DEFAULT_LOCALAPI = "/var/run/tailscale/tailscaled.sock"
-DIALERS = ("localapi", "direct", "socks5:ENDPOINT")
+DIALERS = ("localapi", "direct", "socks5:ENDPOINT", "nc", "nc:CLI")
 DIAL_SELF_POLICIES = ("refuse", "direct")
 
 
@@ -150,7 +152,8 @@ class Options(usage.Options):
             "tailscaled, MagicDNS works); 'direct' (TCP from this host, as tsmux's user; for use without "
             "tailscaled); or 'socks5:ENDPOINT', chained to an upstream SOCKS5 server given as a Twisted "
             "client endpoint (socks5:tcp:127.0.0.1:1080 for tailscaled's --socks5-server, "
-            "socks5:unix:/path), names passed on unresolved.",
+            "socks5:unix:/path), names passed on unresolved; or 'nc' / 'nc:CLI', a 'tailscale nc' process "
+            "per connection (CLI defaults to tailscale on PATH).",
         ],
         [
             "dial-self",
@@ -298,7 +301,9 @@ class Options(usage.Options):
             if isinstance(self[name], str):
                 self[name] = coerce(self[name])
         dialer = self["dialer"]
-        if dialer not in ("localapi", "direct") and not (dialer.startswith("socks5:") and len(dialer) > 7):
+        if dialer not in ("localapi", "direct", "nc") and not (
+            (dialer.startswith("socks5:") and len(dialer) > 7) or (dialer.startswith("nc:") and len(dialer) > 3)
+        ):
             raise usage.UsageError(f"--dialer must be one of {', '.join(DIALERS)}, not {dialer!r}")
         if self["dial-self"] not in DIAL_SELF_POLICIES:
             raise usage.UsageError(
@@ -483,6 +488,12 @@ def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
             raise StartupError(f"bad --dialer socks5:{description}: {error}") from None
         credentials = readUpstreamCredentials(config.upstreamAuth) if config.upstreamAuth else None
         return SOCKS5Dialer(reactor, endpoint, description, credentials, timeout=config.dialTimeout)
+    if config.dialer == "nc" or config.dialer.startswith("nc:"):
+        cli = config.dialer[3:] or "tailscale"
+        found = shutil.which(cli)
+        if found is None:
+            raise StartupError(f"--dialer {config.dialer}: {cli} is not an executable (nor on PATH)")
+        return NcDialer(reactor, found, config.localapi, timeout=config.dialTimeout)
     return LocalAPIDialer(
         reactor,
         config.localapi,

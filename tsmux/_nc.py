@@ -1,0 +1,253 @@
+"""
+The C{nc} dialer: a C{tailscale nc HOST PORT} process per connection, the
+original workaround, for hosts where it suits (the CLI's own dial path, no
+LocalAPI code in tsmux's data path).
+
+Trade-offs, documented for users: a process per connection (fork/exec cost
+and memory), an extra LocalAPI round trip to check tailscaled's state first,
+and no half-close (C{tailscale nc} ends both directions together).
+
+The CLI prints tailscaled's state ("Logged out.", "Tailscale is stopped.")
+on B{stdout} and exits 1 before dialing, so its output must never be taken
+for the target's bytes: tsmux checks the state over the LocalAPI first (as
+the CLI does) and does not spawn when tailscaled is not running, and after
+spawning it answers success only once the process has produced data or
+survived a short grace period; an earlier exit is mapped from its stderr.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.internet import defer, error
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import IHalfCloseableProtocol, IProtocol, IPushProducer, ITransport
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._errors import DialError, DialTimeout, dialErrorFromLocalAPI, failureReason
+from ._interfaces import IDialer, IUpstream
+from ._localapi import LocalAPIClient
+from ._socks5 import Reply
+
+_MAX_STDERR = 4096
+
+
+class TailscaleNotRunning(DialError):
+    """tailscaled is logged out or stopped: no tailnet to dial into."""
+
+    reply = Reply.NETWORK_UNREACHABLE
+    kind = "tailscale-not-running"
+
+
+@implementer(ITransport, IPushProducer)
+class _ProcessStream:
+    """
+    The process's stdin/stdout seen as a stream transport, so the relay
+    treats it like a socket: stdin is written to, stdout read from (and
+    paused for flow control), EOF on stdin is the write shutdown.
+    """
+
+    def __init__(self, process: Any) -> None:
+        self._process = process
+        self.disconnecting = False
+
+    @property
+    def producer(self) -> object:
+        return getattr(self._process.pipes.get(0), "producer", None) if self._process.pipes else None
+
+    def write(self, data: bytes) -> None:
+        self._process.write(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self._process.writeSequence(data)
+
+    def loseWriteConnection(self) -> None:
+        self._process.closeStdin()
+
+    def loseConnection(self) -> None:
+        self.disconnecting = True
+        self._process.closeStdin()
+        self._process.closeStdout()
+        self._process.closeStderr()
+
+    def abortConnection(self) -> None:
+        self.disconnecting = True
+        try:
+            self._process.signalProcess("KILL")
+        except error.ProcessExitedAlready:
+            pass
+
+    def registerProducer(self, producer: object, streaming: bool) -> None:
+        self._process.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._process.unregisterProducer()
+
+    def pauseProducing(self) -> None:
+        self._process.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._process.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    def getPeer(self) -> UNIXAddress:
+        return UNIXAddress(None)
+
+    def getHost(self) -> UNIXAddress:
+        return UNIXAddress(None)
+
+
+@implementer(IUpstream)
+class NcProcess(ProcessProtocol):
+    """One C{tailscale nc}: the process protocol, and the upstream once it is up."""
+
+    def __init__(self, clock: Any, grace: float) -> None:
+        self._clock = clock
+        self._grace = grace
+        self._graceCall: Any = None
+        self._held: list[bytes] = []
+        self._heldEOF = False
+        self._heldLoss: Failure | None = None
+        self._stderr = b""
+        self._owner: IProtocol | None = None
+        self.transport: Any = None
+        self.process: Any = None
+        self.up: defer.Deferred[NcProcess] = defer.Deferred(lambda d: self.abort())
+
+    def connectionMade(self) -> None:
+        # IUpstream.transport is the stream the relay uses; keep the process aside.
+        self.process = self.transport
+        self.stream = _ProcessStream(self.process)
+        self.transport = self.stream
+        self._graceCall = self._clock.callLater(self._grace, self._survived)
+
+    def _survived(self) -> None:
+        self._graceCall = None
+        if not self.up.called:
+            self.up.callback(self)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 2:
+            self._stderr = (self._stderr + data)[:_MAX_STDERR]
+            return
+        if self._owner is not None:
+            self._owner.dataReceived(data)
+            return
+        self._held.append(data)
+        if not self.up.called:
+            self._cancelGrace()
+            self.up.callback(self)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD != 1:
+            return
+        if self._owner is None:
+            self._heldEOF = True
+            return
+        halfCloseable = IHalfCloseableProtocol(self._owner, None)
+        if halfCloseable is not None:
+            halfCloseable.readConnectionLost()
+
+    def processEnded(self, reason: Failure) -> None:
+        self._cancelGrace()
+        code = getattr(reason.value, "exitCode", None)
+        stderr = self._stderr.decode("utf-8", "replace").strip()
+        if not self.up.called:
+            text = stderr or f"exited with status {code}"
+            self.up.errback(dialErrorFromLocalAPI(502, text) if stderr else DialError(f"tailscale nc {text}"))
+            return
+        if code == 0 or code is None:
+            loss = Failure(error.ConnectionDone())
+        else:
+            loss = Failure(error.ConnectionLost(f"tailscale nc exited with status {code}: {stderr[-200:]}"))
+        if self._owner is None:
+            self._heldLoss = loss
+        else:
+            self._owner.connectionLost(loss)
+
+    def _cancelGrace(self) -> None:
+        if self._graceCall is not None:
+            self._graceCall.cancel()
+            self._graceCall = None
+
+    # IUpstream: the relay sees the process as a stream transport.
+
+    def attach(self, protocol: IProtocol) -> None:
+        self._owner = protocol
+        protocol.makeConnection(self.stream)
+        held, self._held = b"".join(self._held), []
+        if held:
+            protocol.dataReceived(held)
+        if self._heldEOF:
+            self.childConnectionLost(1)
+        if self._heldLoss is not None:
+            protocol.connectionLost(self._heldLoss)
+
+    def abort(self) -> None:
+        process = self.process
+        if process is not None:
+            try:
+                process.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+
+@implementer(IDialer)
+class NcDialer:
+    """Spawns C{CLI --socket LOCALAPI nc HOST PORT} per connection."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        cli: str,
+        localapi: str,
+        timeout: float = 10.0,
+        grace: float = 0.3,
+        client: LocalAPIClient | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._cli = cli
+        self._localapi = localapi
+        self._timeout = timeout
+        self._grace = grace
+        self._client = client if client is not None else LocalAPIClient(reactor, localapi, timeout=timeout)
+        self.description = f"nc:{cli}"
+
+    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+        from ._dialers import _checkTarget
+
+        try:
+            _checkTarget(host, port)
+        except DialError as failure:
+            return defer.fail(failure)
+        dialing = defer.ensureDeferred(self._dial(host, port))
+
+        def timedOut(result: object, timeout: float) -> object:
+            raise DialTimeout(f"tailscale nc {host} {port}: not up within {timeout:g} s")
+
+        dialing.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timedOut)
+        return dialing
+
+    async def _dial(self, host: str, port: int) -> IUpstream:
+        try:
+            status = await self._client.status()
+        except Exception:
+            raise DialError(f"cannot ask tailscaled's state at {self._localapi}: {failureReason(Failure())}") from None
+        state = (status or {}).get("BackendState", "unknown")
+        if state != "Running":
+            raise TailscaleNotRunning(f"tailscaled is {state}; not spawning {self._cli} nc")
+        process = NcProcess(self._reactor, self._grace)
+        argv = [self._cli, "--socket", self._localapi, "nc", host, str(port)]
+        try:
+            self._reactor.spawnProcess(process, self._cli, argv, env=dict(os.environ))
+        except OSError as failure:
+            raise DialError(f"cannot run {self._cli}: {failure.strerror}") from None
+        return await process.up
