@@ -100,6 +100,23 @@ class LocalAPIGuardTests(AccessTestMixin, SynchronousTestCase):
         tsmux.stop()
         self.assertIn("refused-by-policy status=403", tsmux.log())
 
+    def test_tsmuxEndpointsAreForAdmins(self) -> None:
+        tsmux = self.startTsmux()
+        self.assertEqual(self.localapiStatus(tsmux.socketPath, "GET", "../../tsmux/v0/metrics"), 403)
+        result = self.curlAs(
+            True,
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            tsmux.socketPath,
+            "http://local-tailscaled.sock/tsmux/v0/status",
+        )
+        self.assertEqual(result.stdout, b"403")
+        result = self.curlAs(False, "--unix-socket", tsmux.socketPath, "http://local-tailscaled.sock/tsmux/v0/status")
+        self.assertEqual(json.loads(result.stdout)["localapi"]["reachable"], True)
+
     def test_pipelinedWriteAfterRead(self) -> None:
         tsmux = self.startTsmux()
         result = pythonAsNobody(

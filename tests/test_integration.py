@@ -120,6 +120,24 @@ class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
         self.assertIn("is reachable again", log)
 
 
+class MetricsIntegrationTests(IntegrationTestMixin, SynchronousTestCase):
+    def test_metricsCountWhatHappened(self) -> None:
+        tsmux = self.startTsmux()
+        for _ in range(3):
+            self.assertEqual(socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/").returncode, 0)
+        self.assertEqual(socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.closedPort}/").returncode, 97)
+        self.assertEqual(localapiGet(tsmux.socketPath, "/localapi/v0/status")[0], 200)
+        time.sleep(0.3)
+        status, body = localapiGet(tsmux.socketPath, "/tsmux/v0/metrics")
+        self.assertEqual(status, 200)
+        text = body.decode()
+        self.assertIn('tsmux_connections_total{protocol="socks5",outcome="ok"} 3', text)
+        self.assertIn('tsmux_connections_total{protocol="socks5",outcome="dial-error"} 1', text)
+        self.assertIn('tsmux_connections_total{protocol="localapi",outcome="ok"} 1', text)
+        self.assertIn("tsmux_dial_seconds_count 4", text)
+        self.assertIn("tsmux_localapi_reachable 1", text)
+
+
 class LocalAPIPassthroughTests(IntegrationTestMixin, SynchronousTestCase):
     def test_tailscaleStatusIdentical(self) -> None:
         tsmux = self.startTsmux()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 from twisted.internet import defer
@@ -32,6 +33,7 @@ from ._guard import GuardedRelay
 from ._http import buildSimpleResponse
 from ._httpframing import HTTPFramingError, parseRequestHead, splitHead
 from ._interfaces import IDialer, IUpstream
+from ._metrics import Metrics
 from ._peercred import PeerCredentials, peerCredentials
 from ._policy import AccessPolicy
 from ._relay import HeldConnection, Relay, quietConnect, switchProtocol
@@ -47,6 +49,16 @@ from ._socks5 import (
 )
 
 _connectionLog = Logger(namespace="tsmux.connection")
+
+TSMUX_API_PREFIX = b"/tsmux/"
+"""Paths tsmux answers itself; the LocalAPI never uses them."""
+MAX_REQUEST_LINE = 8192
+
+
+def _requestTarget(buffered: bytes) -> bytes:
+    parts = buffered.split(b"\n", 1)[0].split(b" ", 2)
+    return parts[1] if len(parts) > 1 else b""
+
 
 PENDING_LIMIT = 64 * 1024
 """Bytes a client may send before its way out is connected; past this we stop reading."""
@@ -156,6 +168,10 @@ class MuxFactory(Factory):
         self.idleTimeout = idleTimeout
         self.halfCloseTimeout = halfCloseTimeout
         self.credentials = credentials
+        self.metrics = Metrics()
+        self.started = reactor.seconds()
+        self.listening: list[str] = []
+        self.statusExtras: dict[str, Any] = {}
         self.openConnections: set[ConnectionRecord] = set()
         self.relays: set[Relay] = set()
 
@@ -175,6 +191,7 @@ class MuxFactory(Factory):
 
     def _closed(self, record: ConnectionRecord) -> None:
         self.openConnections.discard(record)
+        self.metrics.connectionEnded(record)
 
 
 class _OverLimit(Protocol):
@@ -184,7 +201,8 @@ class _OverLimit(Protocol):
         self._mux = mux
 
     def connectionMade(self) -> None:
-        record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport))
+        record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux.metrics.connectionEnded)
+        record.protocol = "undetected"
         record.finish("refused", f"over --max-connections ({self._mux.maxConnections} open)")
         self.transport.abortConnection()
 
@@ -210,6 +228,8 @@ class MuxProtocol(Protocol):
         verdict = detect(self._buffer)
         if verdict is None:
             return
+        if verdict.protocol is Detected.HTTP and not self._requestLineSeen():
+            return
         self._cancelTimer()
         buffered, self._buffer = self._buffer, b""
         next: Protocol
@@ -220,6 +240,9 @@ class MuxProtocol(Protocol):
             # The LocalAPI never uses CONNECT (tailscaled answers 405 on Linux): it is ours.
             self.record.protocol = "http-connect"
             next = HTTPConnectProtocol(self._mux, self.record)
+        elif verdict.protocol is Detected.HTTP and _requestTarget(buffered).startswith(TSMUX_API_PREFIX):
+            self.record.protocol = "tsmux-api"
+            next = TsmuxAPIProtocol(self._mux, self.record)
         elif verdict.protocol is Detected.HTTP:
             self.record.protocol = "localapi"
             self.record.requests = 0
@@ -240,6 +263,13 @@ class MuxProtocol(Protocol):
             return
         self._handedOff = True
         switchProtocol(self.transport, next, buffered)
+
+    def _requestLineSeen(self) -> bool:
+        """
+        tsmux serves C{/tsmux/} itself, so an HTTP connection waits for its
+        first request line (clients send it at once) before being handed on.
+        """
+        return b"\n" in self._buffer or len(self._buffer) > MAX_REQUEST_LINE
 
     def _timedOut(self) -> None:
         self._timer = None
@@ -275,6 +305,7 @@ class _WaitingForUpstream(Protocol):
         self._paused = False
         self._lost = False
         self._waiting: defer.Deferred[IUpstream] | None = None
+        self._dialStarted: float | None = None
 
     def _hold(self, data: bytes) -> None:
         self._pending.append(data)
@@ -283,7 +314,8 @@ class _WaitingForUpstream(Protocol):
             self._paused = True
             self.transport.pauseProducing()
 
-    def _waitFor(self, upstream: defer.Deferred[IUpstream]) -> None:
+    def _waitFor(self, upstream: defer.Deferred[IUpstream], isDial: bool = False) -> None:
+        self._dialStarted = self._mux.reactor.seconds() if isDial else None
         self._waiting = upstream
         upstream.addCallbacks(self._upstreamReady, self._upstreamFailed)
         upstream.addErrback(self._bug)
@@ -293,8 +325,14 @@ class _WaitingForUpstream(Protocol):
         Logger().failure("tsmux bug while connecting", failure)
         self.transport.abortConnection()
 
+    def _dialEnded(self, errorKind: str | None) -> None:
+        if self._dialStarted is not None:
+            self._mux.metrics.dialEnded(self._mux.reactor.seconds() - self._dialStarted, errorKind)
+            self._dialStarted = None
+
     def _upstreamReady(self, upstream: IUpstream) -> None:
         self._waiting = None
+        self._dialEnded(None)
         if self._lost:
             upstream.abort()
             return
@@ -317,6 +355,7 @@ class _WaitingForUpstream(Protocol):
 
     def _upstreamFailed(self, failure: Failure) -> None:
         self._waiting = None
+        self._dialEnded(dialErrorFromFailure(failure).kind)
         if self._lost:
             return
         self._answerFailure(failure)
@@ -440,7 +479,7 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
             # Optimistic data came with the request; the relay counts it.
             self._codecLeftover = len(event.buffered)
             self._hold(event.buffered)
-        self._waitFor(self._mux.dialer.dial(request.host, request.port))
+        self._waitFor(self._mux.dialer.dial(request.host, request.port), isDial=True)
 
     def _handshakeBytesFromClient(self) -> int:
         return self._handshakeBytes - self._codecLeftover
@@ -623,7 +662,7 @@ class HTTPConnectProtocol(_WaitingForUpstream):
         self._buffer = b""
         if rest:
             self._hold(rest)
-        self._waitFor(self._mux.dialer.dial(host, port))
+        self._waitFor(self._mux.dialer.dial(host, port), isDial=True)
 
     def _authorized(self, header: str | None) -> bool:
         assert self._mux.credentials is not None
@@ -663,3 +702,79 @@ class HTTPConnectProtocol(_WaitingForUpstream):
             self.record.bytesFromClient = len(self._buffer)
             self.record.finish("client-closed", "client shut down its side before its CONNECT was complete")
         super().readConnectionLost()
+
+
+class TsmuxAPIProtocol(Protocol):
+    """
+    tsmux's own endpoints, for admins: C{GET /tsmux/v0/metrics} (Prometheus
+    text) and C{GET /tsmux/v0/status} (JSON).  One request per connection.
+    """
+
+    def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
+        self._mux = mux
+        self.record = record
+        self._buffer = b""
+        self._answered = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._answered:
+            return
+        self._buffer += data
+        try:
+            split = splitHead(self._buffer)
+            if split is None:
+                return
+            head = parseRequestHead(split[0])
+        except HTTPFramingError as error:
+            self._answer(400, "Bad Request", "text/plain; charset=utf-8", f"tsmux: {error}\n".encode(), "client-error")
+            return
+        self.record.requests = 1
+        if not self._mux.policy.isAdmin(self.record.peer):
+            body = b"tsmux: /tsmux/ is for LocalAPI admins (uid 0, tsmux's uid, --admin-uid/--admin-gid, operator)\n"
+            self._answer(403, "Forbidden", "text/plain; charset=utf-8", body, "refused-by-policy")
+            return
+        if head.method not in ("GET", "HEAD"):
+            self._answer(405, "Method Not Allowed", "text/plain; charset=utf-8", b"tsmux: GET only\n", "client-error")
+        elif head.path == "/tsmux/v0/metrics":
+            body = self._mux.metrics.render(len(self._mux.openConnections), self._mux.health.reachable)
+            self._answer(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, "ok")
+        elif head.path == "/tsmux/v0/status":
+            self._answer(200, "OK", "application/json", json.dumps(self._status(), indent=1).encode(), "ok")
+        else:
+            self._answer(404, "Not Found", "text/plain; charset=utf-8", b"tsmux: no such endpoint\n", "client-error")
+
+    def _status(self) -> dict[str, Any]:
+        from . import __version__
+
+        mux = self._mux
+        byProtocol: dict[str, int] = {}
+        for record in mux.openConnections:
+            byProtocol[record.protocol] = byProtocol.get(record.protocol, 0) + 1
+        return {
+            "version": __version__,
+            "uptimeSeconds": round(mux.reactor.seconds() - mux.started, 3),
+            "listening": mux.listening,
+            "dialer": mux.dialer.description,
+            "localapi": {"path": mux.localapiPath, "reachable": mux.health.reachable},
+            "openConnections": len(mux.openConnections),
+            "openByProtocol": byProtocol,
+            "relays": len(mux.relays),
+            "operatorUid": mux.policy.operatorUid,
+            **mux.statusExtras,
+        }
+
+    def _answer(self, status: int, reason: str, contentType: str, body: bytes, outcome: str) -> None:
+        self._answered = True
+        response = (
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: {contentType}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        ).encode("ascii") + body
+        self.transport.write(response)
+        self.record.bytesFromClient = len(self._buffer)
+        self.record.bytesToClient = len(response)
+        self.record.finish(outcome, "" if status == 200 else body.decode().strip())
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.record.bytesFromClient = len(self._buffer)
+        self.record.finish("client-closed", "before a complete request")

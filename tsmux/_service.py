@@ -383,6 +383,7 @@ class TsmuxService(service.Service):
             halfCloseTimeout=config.halfCloseTimeout,
             credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
         )
+        self.factory.listening = list(config.listen)
         self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
         self.operator = OperatorWatcher(reactor, self.localapi, self.policy, config.operatorRefresh)
         self._idleSweep: LoopingCall | None = None

@@ -1,0 +1,69 @@
+"""tsmux's own /tsmux/v0/ endpoints: metrics and status, for admins only."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+from twisted.internet import threads
+from twisted.trial.unittest import TestCase
+
+from ._realsockets import Echo, listenTCP, recvAll, recvExactly, socksConnect, startMux, waitUntilClosed
+
+
+def get(path: str, target: str) -> tuple[bytes, bytes]:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(path)
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n".encode())
+    data = recvAll(sock)
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+class TsmuxAPITests(TestCase):
+    timeout = 30
+
+    async def test_metricsCountWhatHappened(self) -> None:
+        path, factory = startMux(self)
+        echoPort = listenTCP(self, Echo)
+
+        def traffic() -> None:
+            sock, reply = socksConnect(path, "127.0.0.1", echoPort, extra=b"ping")
+            assert reply == 0 and recvExactly(sock, 4) == b"ping"
+            sock.close()
+            sock, reply = socksConnect(path, "127.0.0.1", 1)
+            assert reply == 5
+            sock.close()
+            junk = socket.socket(socket.AF_UNIX)
+            junk.connect(path)
+            junk.sendall(b"\x16\x03\x01")
+            recvAll(junk)
+            junk.close()
+
+        await threads.deferToThread(traffic)
+        await waitUntilClosed(factory)
+        head, body = await threads.deferToThread(get, path, "/tsmux/v0/metrics")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
+        self.assertIn(b"text/plain; version=0.0.4", head)
+        text = body.decode()
+        self.assertIn('tsmux_connections_total{protocol="socks5",outcome="ok"} 1', text)
+        self.assertIn('tsmux_connections_total{protocol="socks5",outcome="dial-error"} 1', text)
+        self.assertIn('tsmux_connections_total{protocol="rejected",outcome="client-error"} 1', text)
+        self.assertIn("tsmux_dial_seconds_count 2", text)
+        self.assertIn('tsmux_dial_errors_total{kind="connection-refused"} 1', text)
+        self.assertIn("tsmux_open_connections 1", text)  # this request itself
+
+    async def test_status(self) -> None:
+        path, factory = startMux(self)
+        head, body = await threads.deferToThread(get, path, "/tsmux/v0/status")
+        status = json.loads(body)
+        self.assertEqual(status["dialer"], "direct")
+        self.assertEqual(status["localapi"]["path"], "/nonexistent/tailscaled.sock")
+        self.assertEqual(status["openConnections"], 1)
+
+    async def test_unknownEndpoint(self) -> None:
+        path, _ = startMux(self)
+        head, _ = await threads.deferToThread(get, path, "/tsmux/v0/nope")
+        self.assertTrue(head.startswith(b"HTTP/1.1 404"), head)
