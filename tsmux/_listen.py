@@ -13,7 +13,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, tcp, unix
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
@@ -146,3 +146,85 @@ def listenOnDescription(reactor: Any, description: str, factory: IProtocolFactor
     if isinstance(result, Failure):
         raise StartupError(f"cannot listen on {description}: {result.getErrorMessage()}")
     return result  # type: ignore[no-any-return]
+
+
+class _SystemdUnixPort(unix.Port):
+    """
+    A Unix socket systemd made and passed in: its mode is the unit's
+    C{SocketMode} (Twisted would chmod it to 0666, twisted#10261), and its
+    path is systemd's to remove (Twisted would unlink it on stop).
+    """
+
+    def connectionLost(self, reason: Failure) -> None:
+        tcp.Port.connectionLost(self, reason)
+
+
+def _systemdArguments(description: str) -> dict[str, str]:
+    arguments = {}
+    for part in description.split(":")[1:]:
+        key, equals, value = part.partition("=")
+        if not equals:
+            raise StartupError(f"bad --listen {description!r}: expected key=value after systemd:")
+        arguments[key] = value
+    return arguments
+
+
+def listenOnSystemd(reactor: Any, description: str, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Adopt a socket systemd passed (socket activation): C{systemd:domain=UNIX:index=N}
+    or C{systemd:domain=UNIX:name=NAME} (C{FileDescriptorName=} in the unit).
+    Other domains are left to Twisted's own C{systemd:} endpoint.
+    """
+    arguments = _systemdArguments(description)
+    if arguments.get("domain", "").upper() != "UNIX":
+        return listenOnDescription(reactor, description, factory, backlog=0)
+    # Twisted reads (and removes) LISTEN_FDS/LISTEN_PID when its endpoints module loads.
+    from twisted.internet.endpoints import _SystemdParser
+
+    inherited = _SystemdParser._sddaemon
+    descriptors = inherited.inheritedDescriptors()
+    if not descriptors:
+        raise StartupError(
+            f"--listen {description}: systemd passed no sockets "
+            "(LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES must all be set for this process)"
+        )
+    try:
+        if "name" in arguments:
+            fd = inherited.inheritedNamedDescriptors()[arguments["name"]]
+        else:
+            fd = descriptors[int(arguments.get("index", "0"))]
+    except (KeyError, IndexError, ValueError):
+        names = ", ".join(inherited.inheritedNamedDescriptors()) or "none"
+        raise StartupError(
+            f"--listen {description}: no such socket from systemd ({len(descriptors)} passed; names: {names})"
+        ) from None
+    os.set_blocking(fd, False)
+    port = _SystemdUnixPort._fromListeningDescriptor(reactor, fd, factory)
+    path = port._bindPath
+    if path and not path.startswith(b"\0"):
+        port.mode = stat.S_IMODE(os.stat(path).st_mode)  # keep the unit's SocketMode
+    port.startListening()
+    os.close(fd)  # the port holds its own duplicate
+    return port
+
+
+def notifySystemd(message: str) -> bool:
+    """
+    sd_notify(3) without libsystemd: send C{message} (e.g. C{READY=1}) to
+    C{$NOTIFY_SOCKET} if systemd set one.  @return: whether it was sent.
+    """
+    target = os.environ.get("NOTIFY_SOCKET")
+    if not target:
+        return False
+    if target.startswith("@"):
+        target = "\0" + target[1:]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        notify.connect(target)
+        notify.sendall(message.encode())
+    except OSError as error:
+        log.warn("cannot notify systemd at {target}: {error}", target=target, error=error)
+        return False
+    finally:
+        notify.close()
+    return True

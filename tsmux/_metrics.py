@@ -87,7 +87,7 @@ class Metrics:
             "# HELP tsmux_dial_seconds Time from request to a connected or failed way out.",
             "# TYPE tsmux_dial_seconds histogram",
         ]
-        for bound, count in zip(DIAL_BUCKETS, self.dialBuckets):
+        for bound, count in zip(DIAL_BUCKETS, self.dialBuckets, strict=True):
             lines.append(f'tsmux_dial_seconds_bucket{{le="{bound:g}"}} {count}')
         lines += [
             f'tsmux_dial_seconds_bucket{{le="+Inf"}} {self.dialCount}',

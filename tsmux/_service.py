@@ -32,6 +32,8 @@ from ._listen import (
     defaultBacklog,
     listenOnDescription,
     listenOnPath,
+    listenOnSystemd,
+    notifySystemd,
     prepareSocketPath,
 )
 from ._localapi import LocalAPIClient, OperatorWatcher
@@ -404,6 +406,8 @@ class TsmuxService(service.Service):
                     port = listenOnPath(
                         self.reactor, address, self.factory, config.mode, config.backlog, group=config.group
                     )
+                elif address.lower().startswith("systemd:"):
+                    port = listenOnSystemd(self.reactor, address, self.factory)
                 else:
                     port = listenOnDescription(self.reactor, address, self.factory, config.backlog)
                 self.ports.append(port)
@@ -425,6 +429,7 @@ class TsmuxService(service.Service):
         )
         self.probeLocalAPI()
         self.operator.start()
+        notifySystemd(f"READY=1\nSTATUS=listening on {', '.join(self.config.listen)}")
         timeouts = [t for t in (self.config.idleTimeout, self.config.halfCloseTimeout) if t is not None]
         if timeouts:
             self._idleSweep = LoopingCall(self.factory.closeIdleRelays)
@@ -451,6 +456,7 @@ class TsmuxService(service.Service):
         return defer.ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
+        notifySystemd("STOPPING=1")
         ports, self.ports = self.ports, []
         await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
         self.operator.stop()
