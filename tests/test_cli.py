@@ -181,6 +181,7 @@ class GroupAndLogFormatTests(SynchronousTestCase):
 
         tsmux = startTsmux(self, "--dialer", "direct", "--log-format", "json")
         tsmux.stop()
+        self.assertNotIn("\x1e", tsmux.log())  # plain JSON lines, not json-seq
         events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
         self.assertTrue(any(e.get("log_namespace") == "tsmux.connection" for e in events), tsmux.log())
 

@@ -57,7 +57,9 @@ class ClassificationTests(SynchronousTestCase):
         self.assertFalse(AccessPolicy(socksAllowGids=frozenset({1})).mayDial(None).allowed)
 
 
-class GuardedRelayTests(SynchronousTestCase):
+class GuardFixture:
+    """A guarded relay between fake transports, for a non-admin caller."""
+
     def setUp(self) -> None:
         self.finished: list[GuardedRelay] = []
         self.relay = GuardedRelay(AccessPolicy(ownUid=4242), NOBODY, lambda relay, reason: self.finished.append(relay))
@@ -71,6 +73,8 @@ class GuardedRelayTests(SynchronousTestCase):
     def fromTailscaled(self, data: bytes) -> None:
         self.upstream.protocol.dataReceived(data)
 
+
+class GuardedRelayTests(GuardFixture, SynchronousTestCase):
     def test_readsPassUnchanged(self) -> None:
         self.fromClient(STATUS[:7])
         self.fromClient(STATUS[7:] + STATUS)
@@ -158,3 +162,31 @@ class GuardedRelayTests(SynchronousTestCase):
         self.fromClient(STATUS + LOGOUT)
         self.upstream.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertIn(b"403 Forbidden", self.client.value())
+
+
+class GuardRegressionTests(GuardFixture, SynchronousTestCase):
+    """From review: absolute-form targets, held bytes during an upgrade, odd digits, HTTP/1.0 chunked."""
+
+    def test_absoluteFormRefused(self) -> None:
+        for target in (b"HTTP://local-tailscaled.sock/localapi/v0/goroutines", b"http:/localapi/v0/goroutines"):
+            self.setUp()
+            self.fromClient(b"GET " + target + b" HTTP/1.1\r\n\r\n")
+            self.assertEqual(self.upstream.value(), b"")
+            self.assertTrue(self.client.value().startswith(b"HTTP/1.1 400"), target)
+
+    def test_heldBytesDuringUpgradeAreBounded(self) -> None:
+        dial = b"POST /localapi/v0/dial HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: ts-dial\r\n\r\n"
+        self.fromClient(dial + b"x" * 70000)
+        self.assertEqual(self.client.producerState, "paused")
+        self.fromTailscaled(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ts-dial\r\n\r\n")
+        self.assertEqual(self.client.producerState, "producing")
+        self.assertEqual(self.upstream.value(), dial + b"x" * 70000)
+
+    def test_nonASCIIContentLength(self) -> None:
+        self.fromClient("POST /localapi/v0/status HTTP/1.1\r\nContent-Length: \u00b2\r\n\r\n".encode("latin-1"))
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 400"))
+
+    def test_http10ChunkedRefused(self) -> None:
+        self.fromClient(b"POST /localapi/v0/status HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+        self.assertTrue(self.client.value().startswith(b"HTTP/1.1 400"))
+        self.assertEqual(self.upstream.value(), b"")

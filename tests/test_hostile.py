@@ -237,6 +237,22 @@ class ShutdownTests(HostileTestMixin, SynchronousTestCase):
         self.assertIn("waiting up to 30 s for 1 open connection(s)", log)
         self.assertNotIn("cut-at-shutdown", log)
 
+    def test_secondSignalCutsAtOnce(self) -> None:
+        tsmux = self.startTsmux("--shutdown-timeout", "60")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(tsmux.socketPath)
+        sock.sendall(b"\x05\x01\x00" + buildRequest("127.0.0.1", self.tailnet.echoPort))
+        time.sleep(0.3)
+        tsmux.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        tsmux.process.send_signal(signal.SIGTERM)
+        self.assertEqual(tsmux.process.wait(10), 0)
+        sock.close()
+        log = tsmux.log()
+        self.assertIn("second signal: cutting open connections now", log)
+        self.assertIn("cut-at-shutdown", log)
+        assertCleanLog(self, log)
+
     def test_shutdownTimeoutCutsWhatIsLeft(self) -> None:
         tsmux = self.startTsmux("--shutdown-timeout", "1")
         sock = socket.socket(socket.AF_UNIX)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from twisted.logger import globalLogBeginner, jsonFileLogObserver, textFileLogObserver
+from twisted.logger import FileLogObserver, eventAsJSON, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
 from ._listen import StartupError
@@ -28,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
 
     config = options.toConfig()
-    observer = jsonFileLogObserver(sys.stderr) if config.logFormat == "json" else textFileLogObserver(sys.stderr)
+    observer = _jsonLines(sys.stderr) if config.logFormat == "json" else textFileLogObserver(sys.stderr)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         tsmux = buildService(config, reactor)
@@ -51,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reactor.addSystemEventTrigger("before", "shutdown", tsmux.stopService)
 
     reactor.callWhenRunning(start)
+    reactor.callWhenRunning(_handleSignals, reactor, tsmux)
     reactor.run()
     if failed:
         sys.stderr.write(f"tsmux: {failed[0]}\n")
@@ -61,9 +64,33 @@ if __name__ == "__main__":  # pragma: no cover
     main()
 
 
-def jsonLogObserver() -> object:
+def _jsonLines(stream: Any) -> FileLogObserver:
+    """One JSON object per line (Twisted's own JSON observer adds RS bytes for json-seq)."""
+    return FileLogObserver(stream, lambda event: eventAsJSON(event) + "\n")
+
+
+def jsonLogObserver() -> FileLogObserver:
     """
     For twistd: C{twistd --logger=tsmux.jsonLogObserver -n tsmux ...} logs one
     JSON object per line to stdout, as C{tsmux --log-format json} does to stderr.
     """
-    return jsonFileLogObserver(sys.stdout)
+    return _jsonLines(sys.stdout)
+
+
+def _handleSignals(reactor: Any, tsmux: Any) -> None:
+    """
+    The first SIGTERM/SIGINT stops gracefully (open connections get
+    --shutdown-timeout); a second one cuts them at once.
+    """
+    stopping = False
+
+    def onSignal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            reactor.callFromThread(reactor.stop)
+        else:
+            reactor.callFromThread(tsmux.cutNow)
+
+    signal.signal(signal.SIGTERM, onSignal)
+    signal.signal(signal.SIGINT, onSignal)

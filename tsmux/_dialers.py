@@ -329,7 +329,7 @@ class LocalAPIDialer:
 def _splitAddress(address: str) -> tuple[str, int] | None:
     """C{"1.2.3.4:80"} or C{"[::1]:80"} → host, port; C{None} if unusable."""
     host, colon, port = address.rpartition(":")
-    if not colon or not port.isdigit():
+    if not colon or not (port.isascii() and port.isdigit()):
         return None
     return host.strip("[]"), int(port)
 

@@ -23,6 +23,9 @@ from ._peercred import PeerCredentials
 from ._policy import AccessPolicy
 from ._relay import Relay, RelayEnd, closeTransport
 
+HELD_LIMIT = 64 * 1024
+"""Client bytes held while an upgrade is pending; past this, stop reading the client."""
+
 
 class _GuardedClientEnd(RelayEnd):
     relay: GuardedRelay
@@ -64,6 +67,7 @@ class GuardedRelay(Relay):
         self._raw = False
         self._unframeable = False
         self._pendingRefusal: bytes | None = None
+        self._clientPaused = False
         self.requests = 0
         self.refusal: str | None = None
         self.refusedStatus: int | None = None
@@ -87,11 +91,19 @@ class GuardedRelay(Relay):
             self._refuse(400, "Bad Request", f"tsmux: malformed HTTP request: {error}\n", str(error))
             return
         self._forward(events)
+        # While an upgrade waits for tailscaled's answer, client bytes are held: bound them.
+        if self._requests.stopped and self._requests.bufferedSize > HELD_LIMIT and not self._clientPaused:
+            self._clientPaused = True
+            self.client.transport.pauseProducing()
 
     def _forward(self, events: list[object]) -> None:
         for event in events:
             if isinstance(event, Head):
                 head = event.head
+                if not head.originForm:
+                    why = f"request target {head.target[:80]!r} is not a path (origin form)"
+                    self._refuse(400, "Bad Request", f"tsmux: {why}\n", why)
+                    return
                 decision = self._policy.decideLocalAPI(self._peer, head.method, head.path)
                 if not decision.allowed:
                     self._refuse(403, "Forbidden", f"tsmux: {decision.reason}\n", decision.reason)
@@ -140,10 +152,18 @@ class GuardedRelay(Relay):
             rest = self._requests.takeBuffered()
             if rest:
                 self.upstream.transport.write(rest)
+            self._resumeClient()
         elif self._requests.stopped and self._outstanding == 0:
             # The upgrade was answered without 101: what the client sent next is HTTP.
             self._frame(self._requests.resume)
+            if not self._requests.stopped:
+                self._resumeClient()
         self._answerIfDue()
+
+    def _resumeClient(self) -> None:
+        if self._clientPaused and not self.client.lost:
+            self._clientPaused = False
+            self.client.transport.resumeProducing()
 
     def _endLost(self, end: RelayEnd, reason: Failure) -> None:
         if end is self.upstream and not end.lost:

@@ -51,10 +51,16 @@ class RequestHead:
         that): C{/localapi/v0/%67oroutines} is C{/localapi/v0/goroutines}.
         """
         target = self.target
-        if target.startswith(("http://", "https://")):
+        if not target.startswith("/"):
+            # Absolute form, any scheme in any case, as Go's url.ParseRequestURI takes it.
             target = urlsplit(target).path or "/"
         path = target.split("?", 1)[0].split("#", 1)[0]
         return unquote(path, errors="strict")
+
+    @property
+    def originForm(self) -> bool:
+        """C{/path?query}: the only form tsmux's guard accepts (clients of a Unix socket send it)."""
+        return self.target.startswith("/")
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,7 @@ def _bodyFraming(headers: tuple[tuple[str, str], ...]) -> int | str:
         return "chunked"
     if not lengths:
         return 0
-    if len(set(lengths)) != 1 or not lengths[0].isdigit() or len(lengths[0]) > 18:
+    if len(set(lengths)) != 1 or not (lengths[0].isascii() and lengths[0].isdigit()) or len(lengths[0]) > 18:
         raise HTTPFramingError(f"bad Content-Length {lengths[0][:20]!r}")
     return int(lengths[0])
 
@@ -241,6 +247,9 @@ class RequestFramer:
                 continue
             head = parseRequestHead(lines)
             framing = _bodyFraming(head.headers)
+            if framing == "chunked" and head.version == "HTTP/1.0":
+                # Go ignores Transfer-Encoding on HTTP/1.0: the two would disagree on framing.
+                raise HTTPFramingError("Transfer-Encoding on an HTTP/1.0 request")
             events.append(Head(head, self._buffer[:used]))
             self._buffer = self._buffer[used:]
             self._upgrading = head.header("Upgrade") is not None
@@ -266,6 +275,11 @@ class RequestFramer:
         self.stopped = False
         self._upgrading = False
         return self.receive(b"")
+
+    @property
+    def bufferedSize(self) -> int:
+        """Bytes received but not yet framed (held while an upgrade is pending)."""
+        return len(self._buffer)
 
     def takeBuffered(self) -> bytes:
         """The upgrade happened: hand over the unparsed bytes."""

@@ -103,17 +103,19 @@ def listenOnPath(
     C{mode}, not even between bind and chmod: the umask is tightened around
     the bind (the reactor runs no other thread that creates files meanwhile).
     """
-    previous = os.umask(0o777 & ~mode)
+    # With a group to set, only the owner may connect until the group is right.
+    bindMode = mode if group is None else mode & 0o700
+    previous = os.umask(0o777 & ~bindMode)
     try:
-        port = reactor.listenUNIX(path, factory, backlog=backlog, mode=mode, wantPID=False)
+        port = reactor.listenUNIX(path, factory, backlog=backlog, mode=bindMode, wantPID=False)
     except Exception as error:
         raise StartupError(f"cannot listen on {path}: {error}") from error
     finally:
         os.umask(previous)
     if group is not None:
-        # Until this chown the group is tsmux's own: narrower, never wider.
         try:
             os.chown(path, -1, group)
+            os.chmod(path, mode)
         except OSError as error:
             port.stopListening()
             raise StartupError(f"cannot give {path} group {group}: {error.strerror}") from None

@@ -11,13 +11,21 @@ from twisted.internet.interfaces import ITransport
 _UCRED = struct.Struct("3i")
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+_MAX_GROUPS = 65536
+
+
 @dataclass(frozen=True)
 class PeerCredentials:
-    """The caller's pid, uid and gid as the kernel saw them at connect time."""
+    """
+    The caller's pid, uid, gid and supplementary groups as the kernel saw
+    them at connect time (C{groups} is C{None} where SO_PEERGROUPS is missing).
+    """
 
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] | None = None
 
     def __str__(self) -> str:
         return f"pid={self.pid} uid={self.uid} gid={self.gid}"
@@ -42,4 +50,14 @@ def peerCredentials(transport: ITransport) -> PeerCredentials | None:
     except (OSError, AttributeError):
         return None
     pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCredentials(pid, uid, gid)
+    return PeerCredentials(pid, uid, gid, _peerGroups(handle))
+
+
+def _peerGroups(handle: socket.socket) -> frozenset[int] | None:
+    """Supplementary groups at connect time; read here, not later from /proc (pids get reused)."""
+    try:
+        raw = handle.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
+    except OSError:
+        return None
+    count = len(raw) // 4
+    return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))

@@ -17,7 +17,7 @@ what tailscaled would refuse them directly.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
@@ -135,11 +135,13 @@ class AccessPolicy:
     socksAllowGids: frozenset[int] = frozenset()
     adminUids: frozenset[int] = frozenset()
     adminGids: frozenset[int] = frozenset()
-    ownUid: int = field(default_factory=os.getuid)
+    ownUid: int | None = None
+    """Default: the uid tsmux runs as when it checks (after twistd --uid, that uid)."""
     operatorUid: int | None = None
 
     def _groups(self, peer: PeerCredentials) -> frozenset[int]:
-        return frozenset({peer.gid}) | supplementaryGroups(peer.pid)
+        extra = peer.groups if peer.groups is not None else supplementaryGroups(peer.pid)
+        return frozenset({peer.gid}) | extra
 
     def mayDial(self, peer: PeerCredentials | None) -> Decision:
         if not (self.socksAllowUids or self.socksAllowGids):
@@ -155,7 +157,8 @@ class AccessPolicy:
     def isAdmin(self, peer: PeerCredentials | None) -> bool:
         if peer is None:
             return False
-        if peer.uid in (0, self.ownUid) or peer.uid in self.adminUids:
+        ownUid = self.ownUid if self.ownUid is not None else os.getuid()
+        if peer.uid in (0, ownUid) or peer.uid in self.adminUids:
             return True
         if self.operatorUid is not None and peer.uid == self.operatorUid:
             return True

@@ -95,6 +95,8 @@ class ConnectionRecord:
     def _subject(self) -> str:
         if self.target is not None:
             return f"target={self.target}"
+        if self.access == "admin":
+            return "access=admin"
         if self.requests is not None:
             return f"requests={self.requests} access={self.access}"
         return "-"
@@ -729,7 +731,9 @@ class TsmuxAPIProtocol(Protocol):
             self._answer(400, "Bad Request", "text/plain; charset=utf-8", f"tsmux: {error}\n".encode(), "client-error")
             return
         self.record.requests = 1
-        if not self._mux.policy.isAdmin(self.record.peer):
+        isAdmin = self._mux.policy.isAdmin(self.record.peer)
+        self.record.access = "admin" if isAdmin else "read"
+        if not isAdmin:
             body = b"tsmux: /tsmux/ is for LocalAPI admins (uid 0, tsmux's uid, --admin-uid/--admin-gid, operator)\n"
             self._answer(403, "Forbidden", "text/plain; charset=utf-8", body, "refused-by-policy")
             return

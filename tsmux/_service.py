@@ -97,7 +97,7 @@ def _seconds(text: str) -> float:
 
 
 def _uid(text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     try:
         return pwd.getpwnam(text).pw_uid
@@ -106,7 +106,7 @@ def _uid(text: str) -> int:
 
 
 def _gid(text: str) -> int:
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return int(text)
     try:
         return grp.getgrnam(text).gr_gid
@@ -115,7 +115,7 @@ def _gid(text: str) -> int:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise ValueError(f"wants a positive whole number, not {text!r}")
     return int(text)
 
@@ -125,11 +125,12 @@ class Options(usage.Options):
 
     synopsis = "Usage: tsmux [options]"
     longdesc = (
-        "tsmux serves SOCKS5 and tailscaled's LocalAPI on one Unix socket, so that file "
-        "permissions decide who may use Tailscale's proxy. Connections whose first byte is "
-        "0x05 get a SOCKS5 server whose CONNECTs go out through --dialer; HTTP requests are "
-        "passed byte for byte to tailscaled's LocalAPI (--localapi), so the tailscale CLI "
-        "and curl work through tsmux unchanged. Anything else is refused and logged."
+        "tsmux serves SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket, so that "
+        "file permissions and the caller's own uid decide who may use Tailscale's proxy. A "
+        "connection whose first byte is 0x05 gets a SOCKS5 server whose CONNECTs leave through "
+        "--dialer; CONNECT requests are dialed the same way; other HTTP goes to tailscaled's "
+        "LocalAPI (--localapi): byte for byte for LocalAPI admins, with writes refused (403) for "
+        "everyone else. Anything else is refused and logged."
     )
     optParameters = [
         [
@@ -259,7 +260,7 @@ class Options(usage.Options):
             self[name] = set()
 
     def opt_socks_allow_uid(self, user: str) -> None:
-        """Only this user (uid or name) may dial through SOCKS5 or the LocalAPI's dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may."""  # noqa: E501
+        """Only this user (uid or name) may dial: SOCKS5, HTTP CONNECT, and non-admins' LocalAPI dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may."""  # noqa: E501
         self["socks-allow-uid"].add(_uid(user))
 
     def opt_socks_allow_gid(self, group: str) -> None:
@@ -389,6 +390,7 @@ class TsmuxService(service.Service):
         self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
         self.operator = OperatorWatcher(reactor, self.localapi, self.policy, config.operatorRefresh)
         self._idleSweep: LoopingCall | None = None
+        self._cutNow = False
         self.ports: list[IListeningPort] = []
 
     def preflight(self) -> None:
@@ -451,6 +453,12 @@ class TsmuxService(service.Service):
 
         return connecting.addCallbacks(reachable, unreachable)
 
+    def cutNow(self) -> None:
+        """A second signal during shutdown: stop waiting for open connections."""
+        if not self._cutNow:
+            self.log.info("second signal: cutting open connections now")
+        self._cutNow = True
+
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
         return defer.ensureDeferred(self._stop())
@@ -471,10 +479,10 @@ class TsmuxService(service.Service):
                 count=len(open),
             )
         deadline = self.reactor.seconds() + self.config.shutdownTimeout
-        while open and self.reactor.seconds() < deadline:
+        while open and self.reactor.seconds() < deadline and not self._cutNow:
             await deferLater(self.reactor, min(0.05, max(0.0, deadline - self.reactor.seconds())))
         if open:
-            self.log.warn("shutdown timeout: cutting {count} connection(s)", count=len(open))
+            self.log.warn("shutting down: cutting {count} connection(s)", count=len(open))
             for record in list(open):
                 record.cutAtShutdown = True
                 if record.transport is not None:
