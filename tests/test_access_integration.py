@@ -117,6 +117,13 @@ class LocalAPIGuardTests(AccessTestMixin, SynchronousTestCase):
         result = self.curlAs(False, "--unix-socket", tsmux.socketPath, "http://local-tailscaled.sock/tsmux/v0/status")
         self.assertEqual(json.loads(result.stdout)["localapi"]["reachable"], True)
 
+    def test_absoluteFormCannotReachWriterOnlyEndpoints(self) -> None:
+        """Regression: tailscaled takes any scheme in any case; tsmux's guard takes paths only."""
+        tsmux = self.startTsmux()
+        for target in ("HTTP://local-tailscaled.sock/localapi/v0/goroutines", "http:/localapi/v0/goroutines"):
+            result = pythonAsNobody(PIPELINE, tsmux.socketPath, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertEqual(result.stdout.decode().splitlines(), ["HTTP/1.1 400 Bad Request"], target)
+
     def test_pipelinedWriteAfterRead(self) -> None:
         tsmux = self.startTsmux()
         result = pythonAsNobody(
