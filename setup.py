@@ -22,7 +22,9 @@ setup(
         "treq>=24.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100"],
+        # HTTPS through tsmux.client.agent needs Twisted's TLS extras.
+        "tls": ["twisted[tls]"],
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "twisted[tls]"],
         "lint": ["ruff>=0.6"],
         "docs": ["sphinx>=7"],
     },

@@ -143,9 +143,16 @@ def openFds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def relayBufferedBytes() -> int:
-    """Bytes queued in the write buffers of relay transports in this process."""
+def relayBufferedBytes(factory: MuxFactory | None = None) -> int:
+    """
+    Bytes tsmux holds for relays in this process: Twisted's write buffers and,
+    for spliced relays, what sits in their pipes.
+    """
     total = 0
+    for relay in factory.relays if factory is not None else ():
+        if relay.splice is not None:
+            for direction in (relay.splice._toUpstream, relay.splice._toClient):
+                total += direction.inPipe + len(direction.prefix)
     for selectable in set(reactor.getReaders()) | set(reactor.getWriters()):
         if isinstance(getattr(selectable, "protocol", None), RelayEnd):
             total += len(selectable.dataBuffer) - selectable.offset + selectable._tempDataLen

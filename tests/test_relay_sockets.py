@@ -11,6 +11,8 @@ from twisted.internet import defer, task, threads
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from tsmux._socks5 import buildRequest
+
 from ._realsockets import (
     Echo,
     Source,
@@ -35,11 +37,12 @@ async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> 
 
 
 class HalfCloseTests(TestCase):
+    splice = False
     timeout = 30
 
     def test_uploadShutdownThenReadReply(self) -> defer.Deferred[None]:
         """The client shuts down its write side; the target's reply still arrives."""
-        path, _ = startMux(self)
+        path, _ = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
         payload = os.urandom(300_000)
 
@@ -56,7 +59,7 @@ class HalfCloseTests(TestCase):
 
     def test_shutdownBeforeTheReply(self) -> defer.Deferred[None]:
         """EOF sent with the request, before the dial finished, is kept and forwarded."""
-        path, _ = startMux(self)
+        path, _ = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
 
         def client() -> bytes:
@@ -79,11 +82,12 @@ class HalfCloseTests(TestCase):
 
 
 class FlowControlTests(TestCase):
+    splice = False
     timeout = 60
 
     async def test_slowReaderBoundsMemory(self) -> None:
         size = 48 * 1024 * 1024
-        path, _ = startMux(self)
+        path, factory = startMux(self, splice=self.splice)
         sourcePort = listenTCP(self, Source, size=size)
         sock, reply = await threads.deferToThread(socksConnect, path, "127.0.0.1", sourcePort)
         self.addCleanup(sock.close)
@@ -93,18 +97,20 @@ class FlowControlTests(TestCase):
         peaks = []
         for _ in range(25):
             await task.deferLater(reactor, 0.02, lambda: None)
-            peaks.append(relayBufferedBytes())
+            peaks.append(relayBufferedBytes(factory))
         self.assertLess(max(peaks), 1024 * 1024, peaks)
+        self.assertEqual([relay.splice is not None for relay in factory.relays], [self.splice])
         data = await threads.deferToThread(recvAll, sock)
         self.assertEqual(len(data), size)
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(pattern(size)).digest())
 
 
 class OptimisticDataTests(TestCase):
+    splice = False
     timeout = 30
 
     def test_dataBeforeTheReplyReachesTheTarget(self) -> defer.Deferred[None]:
-        path, _ = startMux(self)
+        path, _ = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
 
         def client() -> bytes:
@@ -117,11 +123,42 @@ class OptimisticDataTests(TestCase):
         return threads.deferToThread(client).addCallback(self.assertEqual, b"hello before reply")
 
 
+class ByteCountTests(TestCase):
+    splice = False
+    timeout = 30
+
+    async def test_logLineCountsEveryByte(self) -> None:
+        path, factory = startMux(self, splice=self.splice)
+        echoPort = listenTCP(self, Echo)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        payload = os.urandom(3 * 1024 * 1024 + 17)
+
+        def client() -> bytes:
+            sock, reply = socksConnect(path, "127.0.0.1", echoPort)
+            assert reply == 0
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            data = recvAll(sock)
+            sock.close()
+            return data
+
+        self.assertEqual(await threads.deferToThread(client), payload)
+        await waitFor(lambda: not factory.openConnections, what="the connection to end")
+        (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
+        handshake = len(b"\x05\x01\x00" + buildRequest("127.0.0.1", echoPort))
+        self.assertEqual(line["bytesFromClient"], handshake + len(payload))
+        self.assertEqual(line["bytesToClient"], 2 + 10 + len(payload))
+        self.assertEqual(line["outcome"], "ok")
+
+
 class ResourceTests(TestCase):
+    splice = False
     timeout = 120
 
     async def test_noFdLeakAfterManyConnections(self) -> None:
-        path, factory = startMux(self)
+        path, factory = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
         await task.deferLater(reactor, 0.05, lambda: None)
         before = openFds()
@@ -144,7 +181,7 @@ class ResourceTests(TestCase):
 
     async def test_burstOfConnectsQueues(self) -> None:
         """Hundreds of simultaneous connects queue in the backlog instead of failing."""
-        path, factory = startMux(self)
+        path, factory = startMux(self, splice=self.splice)
 
         def burst() -> int:
             socks = []
@@ -164,10 +201,11 @@ class ResourceTests(TestCase):
 
 
 class PeerCredentialTests(TestCase):
+    splice = False
     timeout = 30
 
     async def test_logLineNamesTheCaller(self) -> None:
-        path, factory = startMux(self)
+        path, factory = startMux(self, splice=self.splice)
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
@@ -182,3 +220,30 @@ class PeerCredentialTests(TestCase):
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         self.assertEqual((line["pid"], line["uid"], line["gid"]), (os.getpid(), os.getuid(), os.getgid()))
         self.assertEqual(line["outcome"], "dial-error reply=0x05 connection-refused")
+
+
+# The same tests with the splice(2) fast path on.
+
+
+class HalfCloseTestsSpliced(HalfCloseTests):
+    splice = True
+
+
+class FlowControlTestsSpliced(FlowControlTests):
+    splice = True
+
+
+class OptimisticDataTestsSpliced(OptimisticDataTests):
+    splice = True
+
+
+class ByteCountTestsSpliced(ByteCountTests):
+    splice = True
+
+
+class ResourceTestsSpliced(ResourceTests):
+    splice = True
+
+
+class PeerCredentialTestsSpliced(PeerCredentialTests):
+    splice = True

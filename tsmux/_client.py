@@ -20,6 +20,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
@@ -35,7 +36,7 @@ DEFAULT_SOCKET_PATH = "/var/run/tailscale/tsmux.sock"
 
 DEFAULT_TIMEOUT = 30.0
 
-Credentials = tuple["str | bytes", "str | bytes"]
+UsernamePassword = tuple[str | bytes, str | bytes]
 
 log = Logger()
 
@@ -179,7 +180,7 @@ class _HandshakeFactory(Factory):
         self._userFactory.doStop()
 
 
-def _encodeCredentials(credentials: Credentials | None) -> tuple[bytes, bytes] | None:
+def _encodeCredentials(credentials: UsernamePassword | None) -> tuple[bytes, bytes] | None:
     if credentials is None:
         return None
     username, password = (part.encode("utf-8") if isinstance(part, str) else bytes(part) for part in credentials)
@@ -210,7 +211,7 @@ class TsmuxEndpoint:
         host: str,
         port: int,
         socketPath: str = DEFAULT_SOCKET_PATH,
-        credentials: Credentials | None = None,
+        credentials: UsernamePassword | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         if isinstance(host, bytes):
@@ -219,7 +220,9 @@ class TsmuxEndpoint:
             host = host[1:-1]
         if isinstance(port, bool) or not isinstance(port, int):
             raise TypeError(f"port must be an int, not {port!r}")
-        buildRequest(host, port)  # ValueError now rather than at connect time
+        if not 0 < port <= 0xFFFF:
+            raise ValueError(f"port must be 1 to 65535, not {port}")
+        buildRequest(host, port)  # a bad host is a ValueError now rather than at connect time
         self._reactor = reactor
         self.host = host
         self.port = port
@@ -264,12 +267,17 @@ class TsmuxEndpoint:
                 )
             )
         if failure.check(DialError):
-            return Failure(SOCKSError(f"SOCKS5 handshake with {self.socketPath} failed: {failure.value.reason}"))
+            # The codec's client role words its errors for the socks5: dialer ("the upstream ...").
+            reason = failure.value.reason.replace("the upstream SOCKS5 server", "it").replace("the upstream", "it")
+            if "authentication methods" in reason and self._credentials is None:
+                reason += " (it wants a username and password: pass credentials)"
+            return Failure(SOCKSError(f"SOCKS5 handshake with {self.socketPath} failed: {reason}"))
         return failure
 
     def _handOver(self, upstream: SOCKS5ClientProtocol, protocolFactory: IProtocolFactory) -> IProtocol:
         try:
-            protocol = protocolFactory.buildProtocol(HostnameAddress(self.host.encode("idna"), self.port))
+            hostname = self.host.encode("ascii") if self.host.isascii() else self.host.encode("idna")
+            protocol = protocolFactory.buildProtocol(HostnameAddress(hostname, self.port))
         except BaseException:
             upstream.abort()
             raise
@@ -292,7 +300,7 @@ class TsmuxEndpoint:
             host=self.host,
             port=self.port,
             path=self.socketPath,
-            reason=failure.getErrorMessage(),
+            reason=failure.getErrorMessage() or failure.type.__name__,
         )
         return failure
 
@@ -307,7 +315,7 @@ def _parsePort(value: str) -> int:
 
 
 def _parseTimeout(value: str) -> float | None:
-    if value.lower() in ("none", "0"):
+    if value.lower() == "none":
         return None
     try:
         timeout = float(value)
@@ -342,7 +350,7 @@ def endpointFromString(reactor: Any, *args: str, **kwargs: str) -> TsmuxEndpoint
     names = ("host", "port")
     if len(args) > len(names):
         raise ValueError(f"tsmux endpoint: too many positional arguments {args!r}; use host=...:port=...")
-    for name, value in zip(names, args):
+    for name, value in zip(names[: len(args)], args, strict=True):
         if name in kwargs:
             raise ValueError(f"tsmux endpoint: {name} given twice")
         kwargs[name] = value
@@ -379,7 +387,7 @@ class TsmuxEndpointFactory:
         reactor: Any,
         socketPath: str = DEFAULT_SOCKET_PATH,
         contextFactory: IPolicyForHTTPS | None = None,
-        credentials: Credentials | None = None,
+        credentials: UsernamePassword | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
         self._reactor = reactor
@@ -398,8 +406,6 @@ class TsmuxEndpointFactory:
             return endpoint
         if uri.scheme in (b"https", b"wss"):
             return wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-        from twisted.web.error import SchemeNotSupported
-
         raise SchemeNotSupported(f"unsupported scheme: {uri.scheme!r}")
 
 
@@ -408,7 +414,7 @@ def agent(
     socketPath: str = DEFAULT_SOCKET_PATH,
     pool: HTTPConnectionPool | None = None,
     contextFactory: IPolicyForHTTPS | None = None,
-    credentials: Credentials | None = None,
+    credentials: UsernamePassword | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
 ) -> IAgent:
     """

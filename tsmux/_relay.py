@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._interfaces import IUpstream
+from ._splice import SpliceRelay, canSplice
 
 _P = TypeVar("_P", bound=IProtocol)
 
@@ -162,6 +163,8 @@ class Relay:
 
     clientEndClass: type[RelayEnd] = RelayEnd
     upstreamEndClass: type[RelayEnd] = RelayEnd
+    spliceEnabled = False
+    """Move bytes with splice(2) once established, when both sides are plain sockets."""
 
     def __init__(self, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
         self.client = self.clientEndClass(self, "client")
@@ -172,6 +175,7 @@ class Relay:
         self.finished = False
         self.failure: Failure | None = None
         self.closedIdle: str | None = None
+        self.splice: SpliceRelay | None = None
         self._idleSeen = -1
         self._lastActive: float | None = None
 
@@ -204,6 +208,14 @@ class Relay:
             self._readDone(self.client)
         if resumeClient and not self.client.lost:
             clientTransport.resumeProducing()
+        if (
+            self.spliceEnabled
+            and not (self.client.lost or self.upstream.lost or self.client.readDone or self.upstream.readDone)
+            and canSplice(clientTransport)
+            and canSplice(self.upstream.transport)
+        ):
+            self.splice = SpliceRelay(self)
+            self.splice.start()
 
     def idleCheck(self, now: float, idleTimeout: float | None, halfCloseTimeout: float | None) -> None:
         """
@@ -260,5 +272,7 @@ class Relay:
             closeTransport(end.peer.transport)
         if self.client.lost and self.upstream.lost and not self.finished:
             self.finished = True
+            if self.splice is not None:
+                self.splice.close()
             if self._onFinished is not None:
                 self._onFinished(self, reason)

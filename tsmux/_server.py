@@ -157,6 +157,7 @@ class MuxFactory(Factory):
         idleTimeout: float | None = None,
         halfCloseTimeout: float | None = 300.0,
         credentials: Credentials | None = None,
+        splice: bool = False,
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
@@ -170,6 +171,7 @@ class MuxFactory(Factory):
         self.idleTimeout = idleTimeout
         self.halfCloseTimeout = halfCloseTimeout
         self.credentials = credentials
+        self.splice = splice
         self.metrics = Metrics()
         self.started = reactor.seconds()
         self.listening: list[str] = []
@@ -340,6 +342,8 @@ class _WaitingForUpstream(Protocol):
             return
         self._beforeRelay(upstream)
         relay = self._makeRelay()
+        if type(relay) is Relay:
+            relay.spliceEnabled = self._mux.splice
         self._mux.relays.add(relay)
         pending = b"".join(self._pending)
         self._pending = []

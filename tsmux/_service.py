@@ -73,6 +73,7 @@ class Config:
     operatorRefresh: float = 60.0
     logFormat: str = "text"
     socksAuth: str | None = None
+    splice: bool = True
     upstreamAuth: str | None = None
 
 
@@ -132,6 +133,14 @@ class Options(usage.Options):
         "LocalAPI (--localapi): byte for byte for LocalAPI admins, with writes refused (403) for "
         "everyone else. Anything else is refused and logged."
     )
+    optFlags = [
+        [
+            "no-splice",
+            None,
+            "Relay in Python instead of with splice(2) in the kernel (the fast path is used when both "
+            "sides are plain sockets, and never for the LocalAPI guard, which parses).",
+        ],
+    ]
     optParameters = [
         [
             "mode",
@@ -344,6 +353,7 @@ class Options(usage.Options):
             operatorRefresh=self["operator-refresh"],
             logFormat=self["log-format"],
             socksAuth=self["socks-auth"],
+            splice=not self["no-splice"],
             upstreamAuth=self["upstream-auth"],
             **extra,
         )
@@ -385,6 +395,7 @@ class TsmuxService(service.Service):
             idleTimeout=config.idleTimeout,
             halfCloseTimeout=config.halfCloseTimeout,
             credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
+            splice=config.splice,
         )
         self.factory.listening = list(config.listen)
         self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
