@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pwd
+from urllib.parse import quote
 from typing import Any
 
 from treq.client import HTTPClient
@@ -86,7 +87,7 @@ class LocalAPIClient:
         return await self.request("GET", "prefs")
 
     async def whois(self, address: str) -> Any:
-        return await self.request("GET", f"whois?addr={address}")
+        return await self.request("GET", f"whois?addr={quote(address, safe='')}")
 
     async def close(self) -> None:
         await self._pool.closeCachedConnections()

@@ -39,10 +39,8 @@ class SOCKS5ReplyError(DialError):
 
     def __init__(self, reply: int, reason: str) -> None:
         super().__init__(reason)
-        try:
-            self.reply = Reply(reply)
-        except ValueError:
-            self.reply = Reply.GENERAL_FAILURE
+        # Kept as sent, even a code RFC 1928 does not define: passed on unchanged.
+        self.reply = reply  # type: ignore[assignment]
 
 
 _REPLY_TEXT = {
