@@ -20,6 +20,15 @@ class HTTPParseError(Exception):
     """The bytes are not an HTTP/1.x response head we can use."""
 
 
+def findHeader(headers: tuple[tuple[str, str], ...], name: str) -> str | None:
+    """The first value of header C{name} (case-insensitive), or C{None}."""
+    wanted = name.lower()
+    for key, value in headers:
+        if key.lower() == wanted:
+            return value
+    return None
+
+
 @dataclass(frozen=True)
 class ResponseHead:
     version: str
@@ -28,12 +37,7 @@ class ResponseHead:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def header(self, name: str) -> str | None:
-        """The first value of header C{name} (case-insensitive), or C{None}."""
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return findHeader(self.headers, name)
 
     def contentLength(self) -> int | None:
         value = self.header("Content-Length")

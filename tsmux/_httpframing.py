@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Final, Union
 from urllib.parse import unquote, urlsplit
 
+from ._http import findHeader
+
 MAX_HEAD: Final = 64 * 1024
 MAX_LINE: Final = 8 * 1024
 
@@ -38,11 +40,7 @@ class RequestHead:
     headers: tuple[tuple[str, str], ...] = field(default=())
 
     def header(self, name: str) -> str | None:
-        wanted = name.lower()
-        for key, value in self.headers:
-            if key.lower() == wanted:
-                return value
-        return None
+        return findHeader(self.headers, name)
 
     @property
     def path(self) -> str:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import pwd
-from urllib.parse import quote
 from typing import Any
+from urllib.parse import quote
 
 from treq.client import HTTPClient
 from twisted.internet import defer

@@ -198,6 +198,30 @@ class MuxFactory(Factory):
         self.metrics.connectionEnded(record)
 
 
+class _PhaseTimer:
+    """
+    A deadline for one phase of a connection (detection, a handshake): the
+    subclass's C{_timedOut} runs if the phase is not over in time.
+    """
+
+    _timer: IDelayedCall | None = None
+
+    def _startTimer(self, clock: IReactorTime, seconds: float) -> None:
+        self._timer = clock.callLater(seconds, self._expired)
+
+    def _expired(self) -> None:
+        self._timer = None
+        self._timedOut()
+
+    def _timedOut(self) -> None:
+        raise NotImplementedError
+
+    def _stopTimer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
 class _OverLimit(Protocol):
     """Closes a connection accepted beyond C{--max-connections}, with a log line."""
 
@@ -211,13 +235,12 @@ class _OverLimit(Protocol):
         self.transport.abortConnection()
 
 
-class MuxProtocol(Protocol):
+class MuxProtocol(_PhaseTimer, Protocol):
     """Owns a new connection until its first bytes show its protocol."""
 
     def __init__(self, mux: MuxFactory) -> None:
         self._mux = mux
         self._buffer = b""
-        self._timer: IDelayedCall | None = None
         self._handedOff = False
         self.record: ConnectionRecord
 
@@ -225,7 +248,7 @@ class MuxProtocol(Protocol):
         self.record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux._closed)
         self.record.transport = self.transport
         self._mux._opened(self.record)
-        self._timer = self._mux.reactor.callLater(self._mux.detectTimeout, self._timedOut)
+        self._startTimer(self._mux.reactor, self._mux.detectTimeout)
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -234,7 +257,7 @@ class MuxProtocol(Protocol):
             return
         if verdict.protocol is Detected.HTTP and not self._requestLineSeen():
             return
-        self._cancelTimer()
+        self._stopTimer()
         buffered, self._buffer = self._buffer, b""
         next: Protocol
         if verdict.protocol is Detected.SOCKS5:
@@ -276,18 +299,12 @@ class MuxProtocol(Protocol):
         return b"\n" in self._buffer or len(self._buffer) > MAX_REQUEST_LINE
 
     def _timedOut(self) -> None:
-        self._timer = None
         self.record.bytesFromClient = len(self._buffer)
         self.record.finish("timeout", f"no protocol shown within {self._mux.detectTimeout:g} s")
         self.transport.abortConnection()
 
-    def _cancelTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self._cancelTimer()
+        self._stopTimer()
         if not self._handedOff:
             self.record.bytesFromClient = len(self._buffer)
             self.record.finish("client-closed", "closed before showing a protocol")
@@ -408,7 +425,7 @@ class _WaitingForUpstream(Protocol):
 
 
 @implementer(IHalfCloseableProtocol)
-class SOCKS5ServerProtocol(_WaitingForUpstream):
+class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
     """RFC 1928 server: no-auth, CONNECT only, dialed through the mux's L{IDialer}."""
 
     def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
@@ -417,22 +434,15 @@ class SOCKS5ServerProtocol(_WaitingForUpstream):
         self._codec = SOCKS5ServerCodec(methods)
         self._handshakeBytes = 0
         self._codecLeftover = 0
-        self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         # Negotiation and request must finish in time; the dial has its own timeout.
-        self._timer = self._mux.reactor.callLater(self._mux.handshakeTimeout, self._timedOut)
+        self._startTimer(self._mux.reactor, self._mux.handshakeTimeout)
 
     def _timedOut(self) -> None:
-        self._timer = None
         self.record.bytesFromClient = self._handshakeBytes
         self.record.finish("timeout", f"SOCKS5 handshake not done within {self._mux.handshakeTimeout:g} s")
         self.transport.abortConnection()
-
-    def _stopTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopTimer()
@@ -582,7 +592,7 @@ def _splitAuthority(authority: str) -> tuple[str, int] | None:
 
 
 @implementer(IHalfCloseableProtocol)
-class HTTPConnectProtocol(_WaitingForUpstream):
+class HTTPConnectProtocol(_PhaseTimer, _WaitingForUpstream):
     """
     HTTP CONNECT on the mux socket, for tools that speak only HTTP proxies:
     the same dialer and policy as SOCKS5, C{200} then the relay (bytes after
@@ -595,21 +605,14 @@ class HTTPConnectProtocol(_WaitingForUpstream):
         self._requested = False
         self._headBytes = 0
         self._leftover = 0
-        self._timer: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
-        self._timer = self._mux.reactor.callLater(self._mux.handshakeTimeout, self._timedOut)
+        self._startTimer(self._mux.reactor, self._mux.handshakeTimeout)
 
     def _timedOut(self) -> None:
-        self._timer = None
         self.record.bytesFromClient = len(self._buffer)
         self.record.finish("timeout", f"CONNECT request not complete within {self._mux.handshakeTimeout:g} s")
         self.transport.abortConnection()
-
-    def _stopTimer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stopTimer()
