@@ -1,0 +1,397 @@
+"""
+From a run's raw measurements to medians, to ratios against the issue's targets, to markdown tables.
+
+A ratio is computed within each round (the two contenders ran minutes apart at most, under the same
+background load) and the table gives the median of those per-round ratios, with their range.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+GIB = 1024**3
+
+LABELS = {
+    "a": "(a) tsmux, LocalAPI dialer",
+    "b": "(b) tsmux, direct dialer",
+    "c": "(c) tailscaled SOCKS5 (TCP)",
+    "d": "(d) ts-dial to LocalAPI, no tsmux",
+    "e": "(e) socat Unix → (c)",
+    "f": "(f) no proxy (floor)",
+}
+HTTP_LABELS = {
+    "tailscaled": "tailscaled's LocalAPI socket",
+    "a": "through tsmux (a)",
+    "socat": "through socat (Unix → LocalAPI)",
+}
+# Whose CPU a contender's relay costs (see Bench.cpuPids).
+RELAY_CPU = {"a": "tsmux_a", "b": "tsmux_b", "e": "socat"}
+
+# (name, numerator, denominator, metric, comparison, goal): the issue's targets.
+RATIO_TARGETS = [
+    ("Bulk download (a)/(d)", "a", "d", "download", ">=", 0.8),
+    ("Bulk download (a)/(e)", "a", "e", "download", ">=", 1.5),
+    ("Bulk download (b)/(c)", "b", "c", "download", ">=", 0.7),
+    ("Connections/s (a)/(c)", "a", "c", "conn_s", ">=", 0.9),
+    ("p99 connection latency (a)/(c)", "a", "c", "p99_ms", "<=", 1.2),
+]
+INFO_RATIOS = [
+    ("Bulk upload (a)/(d)", "a", "d", "upload"),
+    ("Bulk upload (a)/(e)", "a", "e", "upload"),
+    ("Bulk upload (b)/(c)", "b", "c", "upload"),
+    ("Connections/s (b)/(c)", "b", "c", "conn_s"),
+    ("Connections/s (a)/(d)", "a", "d", "conn_s"),
+    ("p50 connection latency (a)/(c)", "a", "c", "p50_ms"),
+]
+
+
+def _ok(result: dict[str, Any] | None) -> bool:
+    return result is not None and "error" not in result
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _perConnKiB(result: dict[str, Any], pid: Any) -> float | None:
+    try:
+        before = result["rss_before_kib"][str(pid)]
+        held = result["rss_held_kib"][str(pid)]
+        count = result["held"]
+    except KeyError:
+        return None
+    if before is None or held is None or not count:
+        return None
+    return (held - before) / count
+
+
+def summarize(record: dict[str, Any]) -> dict[str, Any]:
+    """Per-round metric values, their medians, the targets and the CPU cost, as one JSON-able dict."""
+    rounds = record["parameters"]["rounds"]
+    found: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for m in record.get("measurements", []):
+        found[(m["workload"], m["contender"], m["round"])] = m["result"]
+
+    # metrics[contender][metric] = [value per round, None where missing]
+    metrics: dict[str, dict[str, list[float | None]]] = {}
+
+    def put(contender: str, metric: str, r: int, value: float | None) -> None:
+        metrics.setdefault(contender, {}).setdefault(metric, [None] * rounds)[r] = value
+
+    for (workload, contender, r), result in found.items():
+        if not _ok(result):
+            continue
+        if workload == "bulk-down":
+            put(contender, "download", r, result["mib_s"])
+        elif workload == "bulk-up":
+            put(contender, "upload", r, result["mib_s"])
+        elif workload == "rate":
+            if result.get("ok"):
+                put(contender, "conn_s", r, result["conn_s"])
+                put(contender, "p50_ms", r, result["p50_ms"])
+                put(contender, "p99_ms", r, result["p99_ms"])
+            put(contender, "conn_errors", r, result.get("errors", 0))
+        elif workload == "held":
+            put(contender, "held_kib_per_conn", r, _perConnKiB(result, result.get("subject_pid")))
+            if contender in ("a", "b"):
+                put(contender, "tailscaled_kib_per_conn", r, _perConnKiB(result, result.get("tailscaled_pid")))
+            put(contender, "held_errors", r, result.get("errors", 0))
+        elif workload == "http":
+            put("http:" + contender, "req_s", r, result["req_s"])
+            put("http:" + contender, "p50_ms", r, result["p50_ms"])
+            put("http:" + contender, "p99_ms", r, result["p99_ms"])
+
+    # Passthrough: added p50 per round, against tailscaled's own socket.
+    for path in ("a", "socat"):
+        for r in range(rounds):
+            own = metrics.get("http:" + path, {}).get("p50_ms", [None] * rounds)[r]
+            base = metrics.get("http:tailscaled", {}).get("p50_ms", [None] * rounds)[r]
+            if own is not None and base is not None:
+                put("http:" + path, "added_p50_ms", r, own - base)
+
+    # CPU: seconds per GiB moved in bulk download, microseconds per connection in the rate workload.
+    for (workload, contender, r), result in found.items():
+        if not _ok(result) or workload not in ("bulk-down", "rate"):
+            continue
+        cpu = result.get("server_cpu_s", {})
+        if workload == "bulk-down":
+            scale, suffix = GIB / result["bytes"], "s_per_gib"
+        else:
+            if not result.get("ok"):
+                continue
+            scale, suffix = 1e6 / result["ok"], "us_per_conn"
+        prefix = "cpu_down_" if workload == "bulk-down" else "cpu_conn_"
+        if contender in RELAY_CPU and RELAY_CPU[contender] in cpu:
+            put(contender, prefix + "relay_" + suffix, r, cpu[RELAY_CPU[contender]] * scale)
+        if "tailscaled" in cpu:
+            put(contender, prefix + "tailscaled_" + suffix, r, cpu["tailscaled"] * scale)
+        if "targets" in cpu:
+            put(contender, prefix + "target_" + suffix, r, cpu["targets"] * scale)
+        if "client_cpu_s" in result:
+            put(contender, prefix + "client_" + suffix, r, result["client_cpu_s"] * scale)
+
+    medians = {
+        contender: {metric: _median([v for v in values if v is not None]) for metric, values in byMetric.items()}
+        for contender, byMetric in metrics.items()
+    }
+
+    def ratios(num: str, den: str, metric: str) -> list[float]:
+        a = metrics.get(num, {}).get(metric, [])
+        b = metrics.get(den, {}).get(metric, [])
+        return [x / y for x, y in zip(a, b, strict=False) if x is not None and y]
+
+    def target(name: str, goal: str, op: str, threshold: float, values: list[float], unit: str) -> dict[str, Any]:
+        median = _median(values)
+        met = None if median is None else (median >= threshold if op == ">=" else median <= threshold)
+        return {
+            "name": name,
+            "goal": f"{op.replace('>=', '≥').replace('<=', '≤')} {threshold:g}{unit}",
+            "per_round": values,
+            "median": median,
+            "min": min(values) if values else None,
+            "max": max(values) if values else None,
+            "unit": unit,
+            "met": met,
+        }
+
+    targets = [
+        target(name, "", op, goal, ratios(num, den, metric), "×") for name, num, den, metric, op, goal in RATIO_TARGETS
+    ]
+    heldValues = [v for v in metrics.get("a", {}).get("held_kib_per_conn", []) if v is not None]
+    targets.append(target("tsmux (a) RSS per held relayed connection", "", "<=", 6, heldValues, " KiB"))
+    addedValues = [v for v in metrics.get("http:a", {}).get("added_p50_ms", []) if v is not None]
+    targets.append(target("LocalAPI passthrough: added p50 per request", "", "<=", 0.1, addedValues, " ms"))
+    info = []
+    for name, num, den, metric in INFO_RATIOS:
+        values = ratios(num, den, metric)
+        info.append({"name": name, "per_round": values, "median": _median(values)})
+    return {"per_round": metrics, "medians": medians, "targets": targets, "info_ratios": info}
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def brief(workload: str, result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"ERROR {result['error']}"
+    if workload.startswith("bulk"):
+        return f"{result['mib_s']:.0f} MiB/s"
+    if workload == "rate":
+        return (
+            f"{result['conn_s']:.0f} conn/s, p50 {result.get('p50_ms', 0):.2f} ms, "
+            f"p99 {result.get('p99_ms', 0):.2f} ms, {result['errors']} errors"
+        )
+    if workload == "held":
+        return (
+            f"held {result['held']}, RSS KiB {result['rss_before_kib']} -> {result['rss_held_kib']}, "
+            f"{result['errors']} errors"
+        )
+    if workload == "http":
+        return f"{result['req_s']:.0f} req/s, p50 {result['p50_ms']:.3f} ms"
+    return ""
+
+
+def _table(header: list[str], rows: list[list[str]], align: str) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |"]
+    lines.append("|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|")
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
+    p = record["parameters"]
+    machine = record.get("machine", {})
+    medians: dict[str, dict[str, float | None]] = summary["medians"]
+    out: list[str] = []
+    out.append(
+        f"tsmux benchmark, {record['started'][:10]}, commit {record.get('git', {}).get('describe', '?')}, "
+        f"{machine.get('cpus', '?')} × {machine.get('cpu', '?')}, Python {machine.get('python', '?')}, "
+        f"Twisted {machine.get('twisted', '?')}, tailscaled {machine.get('tailscaled', '?')}"
+    )
+    out.append(
+        f"Medians of {p['rounds']} interleaved rounds; bulk {p['bulk_bytes'] // 1048576} MiB over one connection; "
+        f"{p['connections']} connections at concurrency {p['concurrency']}; {p['held']} held connections; "
+        f"{p['requests']} LocalAPI requests on one keep-alive connection. Run took {record.get('duration_s', 0):.0f} s."
+    )
+    if record.get("failure"):
+        out.append(f"**The run stopped early: {record['failure']}**")
+    out.append("")
+
+    def m(contender: str, metric: str) -> float | None:
+        return medians.get(contender, {}).get(metric)
+
+    rows = []
+    for key in ("a", "b", "c", "d", "e", "f"):
+        if key not in medians:
+            continue
+        errors = m(key, "conn_errors")
+        conn = _fmt(m(key, "conn_s"))
+        if errors:
+            conn += f" ({errors:.0f} err)"
+        kib = m(key, "held_kib_per_conn")
+        rows.append(
+            [
+                LABELS[key],
+                _fmt(m(key, "download")),
+                _fmt(m(key, "upload")),
+                conn,
+                _fmt(m(key, "p50_ms"), 2),
+                _fmt(m(key, "p99_ms"), 2),
+                _fmt(kib, 1) + (" (tailscaled)" if key in ("c", "d") and kib is not None else ""),
+            ]
+        )
+    out += _table(
+        ["contender", "download MiB/s", "upload MiB/s", "conn/s", "p50 ms", "p99 ms", "RSS KiB/held conn"],
+        rows,
+        "lrrrrrr",
+    )
+    out.append("")
+
+    rows = []
+    for key in ("tailscaled", "a", "socat"):
+        name = "http:" + key
+        if name not in medians:
+            continue
+        rows.append(
+            [
+                HTTP_LABELS[key],
+                _fmt(m(name, "req_s")),
+                _fmt(m(name, "p50_ms"), 3),
+                _fmt(m(name, "p99_ms"), 3),
+                "–" if key == "tailscaled" else _fmt(m(name, "added_p50_ms"), 3),
+            ]
+        )
+    if rows:
+        out += _table(
+            ["GET /localapi/v0/status", "requests/s", "p50 ms", "p99 ms", "added p50 ms"],
+            rows,
+            "lrrrr",
+        )
+        out.append("")
+
+    rows = []
+    for t in summary["targets"]:
+        digits = 3 if t["unit"] == " ms" else (1 if t["unit"] == " KiB" else 2)
+        measured = "–" if t["median"] is None else f"{t['median']:.{digits}f}{t['unit']}"
+        spread = "–" if t["min"] is None else f"{t['min']:.{digits}f} – {t['max']:.{digits}f}"
+        status = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
+        rows.append([t["name"], t["goal"], measured, spread, status])
+    out += _table(["target (issue 4)", "goal", "median", "range over rounds", "status"], rows, "llrrl")
+    out.append("")
+
+    rows = []
+    for i in summary["info_ratios"]:
+        if i["median"] is not None:
+            rows.append([i["name"], f"{i['median']:.2f}×"])
+    kibTs = m("a", "tailscaled_kib_per_conn")
+    if kibTs is not None:
+        rows.append(["tailscaled RSS per connection held through (a)", f"{kibTs:.1f} KiB"])
+    if rows:
+        out += _table(["other ratios (for reference)", "median"], rows, "lr")
+        out.append("")
+
+    rows = []
+    for key in ("a", "b", "c", "d", "e", "f"):
+        if key not in medians:
+            continue
+        rows.append(
+            [
+                LABELS[key],
+                _fmt(m(key, "cpu_down_relay_s_per_gib"), 2) if key in RELAY_CPU else "",
+                _fmt(m(key, "cpu_down_tailscaled_s_per_gib"), 2),
+                _fmt(m(key, "cpu_down_client_s_per_gib"), 2),
+                _fmt(m(key, "cpu_conn_relay_us_per_conn")) if key in RELAY_CPU else "",
+                _fmt(m(key, "cpu_conn_tailscaled_us_per_conn")),
+            ]
+        )
+    out += _table(
+        [
+            "CPU cost",
+            "download: relay s/GiB",
+            "tailscaled s/GiB",
+            "client s/GiB",
+            "per connection: relay µs",
+            "tailscaled µs",
+        ],
+        rows,
+        "lrrrrr",
+    )
+    return "\n".join(out)
+
+
+# The event loop's own frames, under every sample: left out of "by total time", which would
+# otherwise start with a dozen rows at 100 %.
+_TRUNK = (
+    "<module> ",
+    "_run_code ",
+    "_run_module_as_main ",
+    "main (tsmux/_cli.py)",
+    "ReactorBase.run ",
+    "ReactorBase.mainLoop ",
+    "EPollReactor.doPoll ",
+    "callWithLogger ",
+    "callWithContext ",
+    "ContextTracker.callWithContext ",
+    "ThreadedContextTracker.callWithContext ",
+    "_PollLikeMixin._doReadOrWrite ",
+)
+
+
+def summarizeStacks(path: str, top: int = 15) -> dict[str, Any]:
+    """
+    Top functions of a py-spy raw file (C{frame;frame;... count} per line, root first): by own time
+    (the leaf frame) and by total time (anywhere in the stack, once per stack).
+    """
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                stack, _, count = line.rstrip("\n").rpartition(" ")
+                if not stack or not count.isdigit():
+                    continue
+                n = int(count)
+                samples += n
+                frames = [frame.strip() for frame in stack.split(";") if frame.strip()]
+                # The first frame is the process/thread name py-spy adds.
+                frames = [f for f in frames if not f.startswith("process ") and not f.startswith("thread ")]
+                if not frames:
+                    continue
+                own[frames[-1]] = own.get(frames[-1], 0) + n
+                for frame in set(frames):
+                    if not frame.startswith(_TRUNK):
+                        total[frame] = total.get(frame, 0) + n
+    except OSError as e:
+        return {"samples": 0, "error": str(e)}
+
+    def ranked(counts: dict[str, int]) -> list[list[Any]]:
+        best = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [[name, count, round(100 * count / samples, 1)] for name, count in best]
+
+    return {"samples": samples, "top_own": ranked(own), "top_total": ranked(total)}
+
+
+def profileText(profiles: list[dict[str, Any]], top: int = 12) -> str:
+    """The profiles' top functions by own and by total time, as markdown."""
+    out: list[str] = []
+    for p in profiles:
+        workload = "bulk" if "bulk" in p["name"] else "rate"
+        load = brief(workload, p.get("load", {}))
+        out.append(f"py-spy, tsmux during {p['name']} ({p.get('samples', 0)} samples at 250 Hz; {load}):")
+        out.append("")
+        own = p.get("top_own", [])[:top]
+        total = p.get("top_total", [])[:top]
+        rows = []
+        for i in range(max(len(own), len(total))):
+            row = []
+            for ranked in (own, total):
+                row += [ranked[i][0], f"{ranked[i][2]:.1f} %"] if i < len(ranked) else ["", ""]
+            rows.append(row)
+        out += _table(["function, by own time", "share", "function, by total time", "share"], rows, "lrlr")
+        out.append("")
+    return "\n".join(out).rstrip()
