@@ -204,7 +204,9 @@ class TsDialProtocol(HeldConnection):
             self._buffer = self._buffer[used:]
             if self._head.status == 101:
                 self._held = [self._buffer] if self._buffer else []
-                self._buffer = b""
+                # Held for the connection's life: keep nothing of the exchange.
+                self._buffer = self._request = b""
+                self._head = None
                 self.answered.callback(self)
                 return
             if 100 <= self._head.status < 200 or self._head.status in (204, 304):

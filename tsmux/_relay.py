@@ -12,6 +12,7 @@ tsmux holds about one read chunk per direction.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -138,6 +139,8 @@ class RelayEnd(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
         self.peer.transport.write(data)
+        if self.bytesReceived > self.relay.spliceAfter:
+            self.relay._startSplice()
 
     def readConnectionLost(self) -> None:
         self.relay._readDone(self)
@@ -163,8 +166,12 @@ class Relay:
 
     clientEndClass: type[RelayEnd] = RelayEnd
     upstreamEndClass: type[RelayEnd] = RelayEnd
-    spliceEnabled = False
-    """Move bytes with splice(2) once established, when both sides are plain sockets."""
+    spliceAfter: float = math.inf
+    """
+    Once either direction has carried this many bytes, move bytes with
+    splice(2) (when both sides are plain sockets).  Short exchanges stay in
+    Python: a pair of pipes per relay costs more than it saves for them.
+    """
 
     def __init__(self, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
         self.client = self.clientEndClass(self, "client")
@@ -208,10 +215,14 @@ class Relay:
             self._readDone(self.client)
         if resumeClient and not self.client.lost:
             clientTransport.resumeProducing()
+
+    def _startSplice(self) -> None:
+        """Switch to the kernel path, once; stay in Python where it does not apply."""
+        self.spliceAfter = math.inf
         if (
-            self.spliceEnabled
+            self.splice is None
             and not (self.client.lost or self.upstream.lost or self.client.readDone or self.upstream.readDone)
-            and canSplice(clientTransport)
+            and canSplice(self.client.transport)
             and canSplice(self.upstream.transport)
         ):
             self.splice = SpliceRelay(self)

@@ -60,6 +60,9 @@ def _requestTarget(buffered: bytes) -> bytes:
     return parts[1] if len(parts) > 1 else b""
 
 
+SPLICE_AFTER = 256 * 1024
+"""Bytes in one direction after which a relay moves to splice(2)."""
+
 PENDING_LIMIT = 64 * 1024
 """Bytes a client may send before its way out is connected; past this we stop reading."""
 
@@ -359,8 +362,8 @@ class _WaitingForUpstream(Protocol):
             return
         self._beforeRelay(upstream)
         relay = self._makeRelay()
-        if type(relay) is Relay:
-            relay.spliceEnabled = self._mux.splice
+        if type(relay) is Relay and self._mux.splice:
+            relay.spliceAfter = SPLICE_AFTER
         self._mux.relays.add(relay)
         pending = b"".join(self._pending)
         self._pending = []
@@ -479,6 +482,7 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
 
     def _connect(self, event: ConnectRequested) -> None:
         self._stopTimer()
+        self._codec = None  # type: ignore[assignment]  # done; kept alive with the relay otherwise
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"

@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 if TYPE_CHECKING:  # pragma: no cover
     from ._relay import Relay, RelayEnd
 
-PIPE_SIZE = 256 * 1024
+PIPE_SIZE = 1024 * 1024
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _READS_PER_EVENT = 4  # then yield to other connections

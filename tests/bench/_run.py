@@ -242,7 +242,7 @@ def gitInfo() -> dict[str, Any]:
 
 def defaultOutPath() -> str:
     cacheHome = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join(cacheHome, "tsmux", "bench", f"run-{stamp}.json")
 
 
@@ -639,7 +639,7 @@ def main(argv: Sequence[str]) -> int:
             return 2
     outPath = options.out or defaultOutPath()
 
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="tsmux-bench-", dir="/tmp")
     os.chmod(workdir, 0o755)
@@ -693,7 +693,7 @@ def main(argv: Sequence[str]) -> int:
         bench.stop()
     record["measurements"] = bench.measurements
     record["machine"]["loadavg_after_each_round"] = bench.roundLoad
-    record["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     record["duration_s"] = round(time.monotonic() - clock, 1)
     record["machine"]["loadavg_end"] = os.getloadavg()
     if failure is not None:
