@@ -15,6 +15,7 @@ GIB = 1024**3
 LABELS = {
     "a": "(a) tsmux, LocalAPI dialer",
     "b": "(b) tsmux, direct dialer",
+    "g": "(g) tsmux, socks5: dialer → (c)",
     "c": "(c) tailscaled SOCKS5 (TCP)",
     "d": "(d) ts-dial to LocalAPI, no tsmux",
     "e": "(e) socat Unix → (c)",
@@ -26,7 +27,7 @@ HTTP_LABELS = {
     "socat": "through socat (Unix → LocalAPI)",
 }
 # Whose CPU a contender's relay costs (see Bench.cpuPids).
-RELAY_CPU = {"a": "tsmux_a", "b": "tsmux_b", "e": "socat"}
+RELAY_CPU = {"a": "tsmux_a", "b": "tsmux_b", "g": "tsmux_g", "e": "socat"}
 
 # (name, numerator, denominator, metric, comparison, goal): the targets.
 RATIO_TARGETS = [
@@ -225,7 +226,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         return medians.get(contender, {}).get(metric)
 
     rows = []
-    for key in ("a", "b", "c", "d", "e", "f"):
+    for key in ("a", "b", "g", "c", "d", "e", "f"):
         if key not in medians:
             continue
         errors = m(key, "conn_errors")
@@ -295,7 +296,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         out.append("")
 
     rows = []
-    for key in ("a", "b", "c", "d", "e", "f"):
+    for key in ("a", "b", "g", "c", "d", "e", "f"):
         if key not in medians:
             continue
         rows.append(

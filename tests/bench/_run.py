@@ -13,6 +13,7 @@ C{--socks5-server=127.0.0.1:PORT}), then, inside that namespace through nsenter,
     - (c) tailscaled's own SOCKS5 on 127.0.0.1:PORT inside the namespace;
     - (d) no relay: the client speaks C{ts-dial} to tailscaled's LocalAPI itself;
     - (e) socat relaying a Unix socket to (c) (inside the namespace: it must reach (c));
+    - (g) tsmux, C{--dialer socks5:tcp:...} chained to (c); inside the namespace, like (b);
     - (f) no proxy: the client connects to the target directly (the floor, and the proof that the
       load generator is not the bottleneck).
 
@@ -49,7 +50,7 @@ from tests._tailscale_binaries import TAILSCALE_VERSION, defaultCacheDir, fetchT
 from tests.bench import _report
 
 MIB = 1024 * 1024
-CONTENDERS = ("a", "b", "c", "d", "e", "f")
+CONTENDERS = ("a", "b", "g", "c", "d", "e", "f")
 WORKLOADS = ("bulk", "rate", "held", "http")
 HELD_CONTENDERS = ("a", "b", "c", "d")
 HTTP_PATHS = ("tailscaled", "a", "socat")
@@ -276,6 +277,7 @@ class Bench:
         localapi = self.tailnet.localapi
         self.tsmuxA = self.startTsmux("tsmux-a", "localapi", inNamespace=False)
         self.tsmuxB = self.startTsmux("tsmux-b", "direct", inNamespace=True)
+        self.tsmuxG = self.startTsmux("tsmux-g", f"socks5:tcp:127.0.0.1:{self.tailnet.socks5Port}", inNamespace=True)
         socatPath = os.path.join(self.workdir, "socat-socks.sock")
         self.socatSocks = self.startChild(
             "socat-socks",
@@ -298,6 +300,7 @@ class Bench:
         self.contenders = {
             "a": {"proto": "socks", "connect": f"unix:{self.tsmuxA[1]}"},
             "b": {"proto": "socks", "connect": f"unix:{self.tsmuxB[1]}"},
+            "g": {"proto": "socks", "connect": f"unix:{self.tsmuxG[1]}"},
             "c": {"proto": "socks", "connect": socks5},
             "d": {"proto": "tsdial", "connect": f"unix:{localapi}"},
             "e": {"proto": "socks", "connect": f"unix:{socatPath}"},
@@ -307,6 +310,7 @@ class Bench:
             contender["label"] = _report.LABELS[key]
         self.contenders["a"]["command"] = self.tsmuxA[0].argv
         self.contenders["b"]["command"] = self.tsmuxB[0].argv
+        self.contenders["g"]["command"] = self.tsmuxG[0].argv
         self.contenders["e"]["command"] = self.socatSocks.argv
         self.httpPaths = {
             "tailscaled": f"unix:{localapi}",
@@ -369,6 +373,7 @@ class Bench:
         pids = {
             "tsmux_a": (self.tsmuxA[0].pid, False),
             "tsmux_b": (self.tsmuxB[0].pid, False),
+            "tsmux_g": (self.tsmuxG[0].pid, False),
             "socat": (self.socatSocks.pid, True),
             "socat_localapi": (self.socatLocalAPI.pid, True),
             "targets": (self.targets.pid, False),
@@ -579,7 +584,7 @@ def parseOptions(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--held", type=int, help="held connections (default 2000; --quick: 1000)")
     parser.add_argument("--requests", type=int, help="LocalAPI requests per run (default 1000; --quick: 300)")
     parser.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help="comma-separated subset of a,b,c,d,e,f (default: all)"
+        "--contenders", default=",".join(CONTENDERS), help="comma-separated subset of a,b,g,c,d,e,f (default: all)"
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated subset of bulk,rate,held,http (default: all)"
