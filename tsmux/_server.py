@@ -1,11 +1,13 @@
 """
-The server side: one listening socket, two protocols.
+The server side: one listening socket, several protocols.
 
 L{MuxProtocol} owns a new connection until its first bytes say what it is,
 then hands the transport (and the bytes read so far) to
-L{SOCKS5ServerProtocol} or L{LocalAPIPassthrough}; those hand it on to a
-L{Relay} once the way out is connected.  A L{ConnectionRecord} follows the
-connection through every owner and writes its single log line at the end.
+L{SOCKS5ServerProtocol}, L{HTTPConnectProtocol}, L{TsmuxAPIProtocol}, or, for
+the LocalAPI, L{LocalAPIPassthrough} (admins) or L{LocalAPIGuard} (everyone
+else); those hand it on to a L{Relay} once the way out is connected.  A
+L{ConnectionRecord} follows the connection through every owner and writes
+its single log line at the end.
 """
 
 from __future__ import annotations
