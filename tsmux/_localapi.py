@@ -16,6 +16,7 @@ from urllib.parse import quote
 from treq.client import HTTPClient
 from twisted.internet import defer
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -124,6 +125,10 @@ class OperatorWatcher:
     async def refresh(self) -> None:
         try:
             prefs = await self._client.prefs()
+        except (ConnectError, OSError):
+            # tailscaled's LocalAPI is down: LocalAPIHealth says so once; no second warning.
+            self._problem(f"cannot reach tailscaled's LocalAPI: {failureReason(Failure())}", quiet=True)
+            return
         except Exception:
             self._problem(f"cannot read tailscaled's prefs: {failureReason(Failure())}")
             return
@@ -142,9 +147,9 @@ class OperatorWatcher:
         self.operatorName = name
         self._policy.operatorUid = uid
 
-    def _problem(self, problem: str) -> None:
+    def _problem(self, problem: str, quiet: bool = False) -> None:
         self._policy.operatorUid = None
         self.operatorName = None
-        if problem != self._lastProblem:
+        if problem != self._lastProblem and not quiet:
             self.log.warn("{problem}; LocalAPI writes only for the configured admins", problem=problem)
         self._lastProblem = problem
