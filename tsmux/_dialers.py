@@ -18,7 +18,6 @@ from twisted.internet.endpoints import (
     UNIXClientEndpoint,
 )
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -36,7 +35,7 @@ from ._errors import (
 )
 from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
-from ._relay import HeldConnection, quietConnect
+from ._relay import HandshakeThenHold, HeldConnection, quietConnect
 from ._socks5client import SOCKS5ClientProtocol
 
 DialSelfPolicy = Literal["refuse", "direct"]
@@ -165,11 +164,11 @@ def buildDialRequest(host: str, port: int) -> bytes:
     ).encode("ascii")
 
 
-class TsDialProtocol(HeldConnection):
+class TsDialProtocol(HandshakeThenHold):
     """
     Speaks the C{ts-dial} upgrade on a LocalAPI connection.  On C{101} it
-    becomes the upstream itself (a L{HeldConnection}), with the bytes after
-    the response head held for the relay.
+    becomes the upstream itself, with the bytes after the response head held
+    for the relay.
     """
 
     def __init__(self, host: str, port: int) -> None:
@@ -178,19 +177,11 @@ class TsDialProtocol(HeldConnection):
         self._buffer = b""
         self._head: ResponseHead | None = None
         self._bodyLength: int | None = None
-        self.answered: defer.Deferred[object] = defer.Deferred(self._cancel)
-
-    def _cancel(self, deferred: defer.Deferred[object]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         self.transport.write(self._request)
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.answered.called:
-            super().dataReceived(data)
-            return
+    def _handshakeData(self, data: bytes) -> None:
         self._buffer += data
         if self._head is None:
             try:
@@ -201,14 +192,14 @@ class TsDialProtocol(HeldConnection):
             if parsed is None:
                 return
             self._head, used = parsed
-            self._buffer = self._buffer[used:]
+            leftover = self._buffer[used:]
             if self._head.status == 101:
-                self._held = [self._buffer] if self._buffer else []
                 # Held for the connection's life: keep nothing of the exchange.
                 self._buffer = self._request = b""
                 self._head = None
-                self.answered.callback(self)
+                self._opened(leftover)
                 return
+            self._buffer = leftover
             if 100 <= self._head.status < 200 or self._head.status in (204, 304):
                 self._bodyLength = 0  # no body; never wait for one
                 self._answerWithoutUpgrade()
@@ -232,28 +223,9 @@ class TsDialProtocol(HeldConnection):
             self.answered.callback(_DialSelf(head.header("Dial-Addr") or ""))
             self.transport.loseConnection()
             return
-        text = body.decode("utf-8", "replace")
-        self._fail(dialErrorFromLocalAPI(head.status, text))
+        self._fail(dialErrorFromLocalAPI(head.status, body.decode("utf-8", "replace")))
 
-    def _fail(self, error: DialError) -> None:
-        if not self.answered.called:
-            self.answered.errback(error)
-        self.transport.loseConnection()
-
-    def readConnectionLost(self) -> None:
-        if self.answered.called:
-            super().readConnectionLost()
-            return
-        self._endedBeforeAnswer()
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.answered.called:
-            super().connectionLost(reason)
-            return
-        self._endedBeforeAnswer()
-
-    def _endedBeforeAnswer(self) -> None:
+    def _handshakeEnded(self) -> None:
         if self.answered.called:
             return
         if self._head is not None:

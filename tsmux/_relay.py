@@ -123,6 +123,60 @@ class HeldConnection(Protocol):
         self.transport.abortConnection()
 
 
+class HandshakeThenHold(HeldConnection):
+    """
+    A client protocol that first negotiates (a C{ts-dial} upgrade, a SOCKS5
+    handshake) and then becomes the held upstream.  L{answered} fires once:
+    with this protocol when the way is open, or with a L{DialError}; until
+    then bytes, EOF and loss go to the subclass's C{_handshakeData},
+    C{_handshakeEnded}.  Cancelling L{answered} aborts the connection.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.answered: Deferred[object] = Deferred(self._cancel)
+
+    def _cancel(self, deferred: Deferred[object]) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _handshakeData(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _handshakeEnded(self) -> None:
+        """The connection ended (EOF or loss) before the answer: fail, or answer from what came."""
+        raise NotImplementedError
+
+    def _opened(self, leftover: bytes) -> None:
+        """The way is open: hold C{leftover} (bytes after the handshake) for the relay."""
+        self._held = [leftover] if leftover else []
+        self.answered.callback(self)
+
+    def _fail(self, error: Exception) -> None:
+        if not self.answered.called:
+            self.answered.errback(error)
+        self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered.called:
+            super().dataReceived(data)
+        else:
+            self._handshakeData(data)
+
+    def readConnectionLost(self) -> None:
+        if self.answered.called:
+            super().readConnectionLost()
+            return
+        self._handshakeEnded()
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.answered.called:
+            super().connectionLost(reason)
+        else:
+            self._handshakeEnded()
+
+
 @implementer(IHalfCloseableProtocol)
 class RelayEnd(Protocol):
     """One side of a L{Relay}: what it reads goes to the other side's transport."""

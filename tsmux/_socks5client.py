@@ -6,12 +6,8 @@ use it, so there is one implementation of the protocol.
 
 from __future__ import annotations
 
-from twisted.internet import defer
-from twisted.internet.protocol import connectionDone
-from twisted.python.failure import Failure
-
 from ._errors import DialError
-from ._relay import HeldConnection
+from ._relay import HandshakeThenHold
 from ._socks5 import (
     NEED_MORE,
     AuthStatus,
@@ -55,7 +51,7 @@ _REPLY_TEXT = {
 }
 
 
-class SOCKS5ClientProtocol(HeldConnection):
+class SOCKS5ClientProtocol(HandshakeThenHold):
     """
     Negotiates a CONNECT to C{host}:C{port} on a fresh connection to a SOCKS5
     server.  L{answered} fires with this protocol (an L{IUpstream} whose
@@ -73,12 +69,7 @@ class SOCKS5ClientProtocol(HeldConnection):
         self._credentials = credentials
         self._state = "method"
         self._buffer = b""
-        self.answered: defer.Deferred[SOCKS5ClientProtocol] = defer.Deferred(self._cancel)
         self.boundAddress: tuple[str, int] | None = None
-
-    def _cancel(self, deferred: defer.Deferred[SOCKS5ClientProtocol]) -> None:
-        if self.transport is not None:
-            self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         methods: tuple[int, ...] = (Method.NO_AUTH,)
@@ -91,10 +82,7 @@ class SOCKS5ClientProtocol(HeldConnection):
         else:
             self.transport.write(buildGreeting(methods))
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.answered.called:
-            super().dataReceived(data)
-            return
+    def _handshakeData(self, data: bytes) -> None:
         self._buffer += data
         try:
             self._advance()
@@ -146,23 +134,9 @@ class SOCKS5ClientProtocol(HeldConnection):
                     self._fail(SOCKS5ReplyError(reply.reply, f"upstream SOCKS5: {text}"))
                     return
                 self.boundAddress = (reply.host, reply.port)
-                self._held = [self._buffer] if self._buffer else []
-                self._buffer = b""
-                self.answered.callback(self)
+                leftover, self._buffer = self._buffer, b""
+                self._opened(leftover)
 
-    def _fail(self, error: DialError) -> None:
+    def _handshakeEnded(self) -> None:
         if not self.answered.called:
-            self.answered.errback(error)
-        self.transport.loseConnection()
-
-    def readConnectionLost(self) -> None:
-        if self.answered.called:
-            super().readConnectionLost()
-            return
-        self._fail(DialError("the upstream SOCKS5 server closed the connection during the handshake"))
-
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self.answered.called:
-            super().connectionLost(reason)
-            return
-        self.answered.errback(DialError("the upstream SOCKS5 server closed the connection during the handshake"))
+            self.answered.errback(DialError("the upstream SOCKS5 server closed the connection during the handshake"))
