@@ -158,6 +158,12 @@ class GuardedRelayTests(GuardFixture, SynchronousTestCase):
         self.assertEqual(self.upstream.value(), b"")
         self.assertIn(b"--socks-allow-uid", self.client.value())
 
+    def test_dialNeedsPasswordWithSocksAuth(self) -> None:
+        self.relay._policy = AccessPolicy(ownUid=4242, dialNeedsPassword=True)
+        self.fromClient(b"POST /localapi/v0/dial HTTP/1.1\r\nUpgrade: ts-dial\r\nConnection: upgrade\r\n\r\n")
+        self.assertEqual(self.upstream.value(), b"")
+        self.assertIn(b"--socks-auth is set", self.client.value())
+
     def test_refusalSentWhenTailscaledLeaves(self) -> None:
         self.fromClient(STATUS + LOGOUT)
         self.upstream.protocol.connectionLost(Failure(ConnectionDone()))

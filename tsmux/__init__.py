@@ -1,5 +1,5 @@
 """
-tsmux: SOCKS5 and tailscaled's LocalAPI on one Unix socket.
+tsmux: SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket.
 
 The daemon is C{tsmux} (or C{twistd -n tsmux}); this package's public API is
 what a program embedding or extending it needs: the dialer interface and its

@@ -1,6 +1,8 @@
 """
-The ways out: L{LocalAPIDialer} (tailscaled's C{ts-dial} upgrade, the
-default) and L{DirectDialer} (TCP from this host).
+The ways out over sockets: L{LocalAPIDialer} (tailscaled's C{ts-dial}
+upgrade, the default), L{DirectDialer} (TCP from this host) and
+L{SOCKS5Dialer} (an upstream SOCKS5 server).  The C{tailscale nc} dialer is
+in L{tsmux._nc}.
 """
 
 from __future__ import annotations

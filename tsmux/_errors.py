@@ -1,9 +1,9 @@
 """
 Typed dial errors and the one place where failures become SOCKS5 reply codes.
 
-Every dialer reports failure as a L{DialError} subclass so the SOCKS5 server
-(and later an HTTP CONNECT front end) maps errors to answers in one way,
-whatever the way out was.
+Every dialer reports failure as a L{DialError} subclass, so the SOCKS5 server
+and the HTTP CONNECT front end map errors to answers in one way, whatever
+the way out was.
 """
 
 from __future__ import annotations

@@ -128,13 +128,15 @@ class Decision:
 class AccessPolicy:
     """
     The rules.  C{operatorUid} is refreshed from tailscaled's prefs while
-    running (see L{tsmux._operator}); everything else is fixed at start.
+    running (see L{tsmux._localapi.OperatorWatcher}); everything else is fixed at start.
     """
 
     socksAllowUids: frozenset[int] = frozenset()
     socksAllowGids: frozenset[int] = frozenset()
     adminUids: frozenset[int] = frozenset()
     adminGids: frozenset[int] = frozenset()
+    dialNeedsPassword: bool = False
+    """With C{--socks-auth}: dials need a password, which the LocalAPI's dial cannot carry."""
     ownUid: int | None = None
     """Default: the uid tsmux runs as when it checks (after twistd --uid, that uid)."""
     operatorUid: int | None = None
@@ -168,6 +170,8 @@ class AccessPolicy:
         """For a non-admin: may this request pass?"""
         access = classifyLocalAPIRequest(method, path)
         if access is Access.DIAL:
+            if self.dialNeedsPassword:
+                return Decision(False, "--socks-auth is set: dial through SOCKS5 or HTTP CONNECT with a password")
             return self.mayDial(peer)
         if access is Access.READ:
             return Decision(True, "read")

@@ -431,7 +431,10 @@ class _WaitingForUpstream(Protocol):
 
 @implementer(IHalfCloseableProtocol)
 class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
-    """RFC 1928 server: no-auth, CONNECT only, dialed through the mux's L{IDialer}."""
+    """
+    RFC 1928 server, CONNECT only, dialed through the mux's L{IDialer}: no
+    authentication, or RFC 1929 username/password with C{--socks-auth}.
+    """
 
     def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
         super().__init__(mux, record)

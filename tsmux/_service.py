@@ -238,7 +238,8 @@ class Options(usage.Options):
             None,
             None,
             "File of user:password lines: SOCKS5 clients must then authenticate (RFC 1929), and HTTP "
-            "CONNECT clients send Proxy-Authorization: Basic. Refused if others may read it.",
+            "CONNECT clients send Proxy-Authorization: Basic; non-admins' LocalAPI dials are then refused. "
+            "Refused if others may read it or anyone but its owner may write it.",
         ],
         [
             "upstream-auth",
@@ -285,7 +286,7 @@ class Options(usage.Options):
         self["admin-gid"].add(_gid(group))
 
     def opt_listen(self, address: str) -> None:
-        """Where to listen; may repeat. An absolute path is a Unix socket tsmux manages (--mode, stale sockets replaced, removed on exit). Anything else is a Twisted endpoint description (unix:/path, systemd:domain=UNIX:index=0, tcp:1080:interface=127.0.0.1), used as Twisted gives it: --mode and stale-socket handling do not apply there. [default: /var/run/tailscale/tsmux.sock]"""  # noqa: E501 - usage.Options prints the docstring as is
+        """Where to listen; may repeat. An absolute path is a Unix socket tsmux manages (--mode, stale sockets replaced, removed on exit). systemd:domain=UNIX:name=NAME (or index=N) adopts a socket systemd passed, keeping its mode and path. Anything else is a Twisted endpoint description (unix:/path, tcp:1080:interface=127.0.0.1), used as Twisted gives it: --mode and stale-socket handling do not apply there. [default: /var/run/tailscale/tsmux.sock]"""  # noqa: E501 - usage.Options prints the docstring as is
         if not address:
             raise usage.UsageError("--listen wants a path or an endpoint description")
         self["listen"].append(address)
@@ -381,6 +382,7 @@ class TsmuxService(service.Service):
             socksAllowGids=config.socksAllowGids,
             adminUids=config.adminUids,
             adminGids=config.adminGids,
+            dialNeedsPassword=config.socksAuth is not None,
         )
         self.factory = MuxFactory(
             reactor,

@@ -5,8 +5,8 @@ sub-negotiation).
 Nothing here touches a transport: parsers take the bytes received so far and
 return either L{NEED_MORE}, or a message together with the number of bytes it
 used; builders return the bytes to send.  Both roles are covered so that the
-server in L{tsmux._server} and a future upstream-SOCKS5 dialer or client
-endpoint share one implementation.
+server in L{tsmux._server}, the upstream-SOCKS5 dialer and the client
+endpoint (both through L{tsmux._socks5client}) share one implementation.
 
 Malformed input raises L{SOCKS5ProtocolError}, which carries the reply code a
 server should answer with (when an answer is possible at all).
