@@ -115,13 +115,19 @@ class ConnectionRecord:
         self.outcome = outcome
         self.detail = detail
         duration = self._clock.seconds() - self.started
+        peer = (str(self.peer) if self.peer is not None else "peer=?") + (
+            f" user={self.username!r}" if self.username is not None else ""
+        )
+        # Formatted here, once: Twisted's formatter would parse a long format per connection.
+        line = (
+            f"{self.protocol} {peer} {self._subject()} up={self.bytesFromClient} down={self.bytesToClient} "
+            f"{duration:.3f}s {outcome}{': ' if detail else ''}{detail}"
+        )
         _connectionLog.info(
-            "{protocol} {peer} {subject} up={bytesFromClient} down={bytesToClient} "
-            "{duration:.3f}s {outcome}{separator}{detail}",
+            "{line}",
+            line=line,
             protocol=self.protocol,
-            peer=(str(self.peer) if self.peer is not None else "peer=?")
-            + (f" user={self.username!r}" if self.username is not None else ""),
-            subject=self._subject(),
+            peer=peer,
             target=self.target,
             requests=self.requests,
             access=self.access,
@@ -129,7 +135,6 @@ class ConnectionRecord:
             bytesToClient=self.bytesToClient,
             duration=duration,
             outcome=outcome,
-            separator=": " if detail else "",
             detail=detail,
             pid=self.peer.pid if self.peer else None,
             uid=self.peer.uid if self.peer else None,
