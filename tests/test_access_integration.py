@@ -124,6 +124,24 @@ class LocalAPIGuardTests(AccessTestMixin, SynchronousTestCase):
             result = pythonAsNobody(PIPELINE, tsmux.socketPath, f"GET {target} HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertEqual(result.stdout.decode().splitlines(), ["HTTP/1.1 400 Bad Request"], target)
 
+    def test_ipnBusForReadersOnlyWithoutPrivateKeys(self) -> None:
+        tsmux = self.startTsmux()
+        firstLine = (
+            "import socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
+            "s.sendall(sys.argv[2].encode())\n"
+            "data = b''\n"
+            "while b'\\r\\n' not in data:\n"
+            "    chunk = s.recv(1)\n"
+            "    if not chunk: break\n"
+            "    data += chunk\n"
+            "print(data.split(b'\\r\\n')[0].decode())\n"
+        )
+        for mask, expected in (("2", "HTTP/1.1 403 Forbidden"), ("18", "HTTP/1.1 200 OK")):
+            request = f"GET /localapi/v0/watch-ipn-bus?mask={mask} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
+            result = pythonAsNobody(firstLine, tsmux.socketPath, request)
+            self.assertEqual(result.stdout.decode().strip(), expected, (mask, result.stderr))
+
     def test_pipelinedWriteAfterRead(self) -> None:
         tsmux = self.startTsmux()
         result = pythonAsNobody(

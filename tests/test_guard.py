@@ -164,6 +164,26 @@ class GuardedRelayTests(GuardFixture, SynchronousTestCase):
         self.assertEqual(self.upstream.value(), b"")
         self.assertIn(b"--socks-auth is set", self.client.value())
 
+    def test_ipnBusOnlyWithPrivateKeysFiltered(self) -> None:
+        """Regression (review): tailscaled gives readers the IPN bus only with NotifyNoPrivateKeys."""
+        policy = AccessPolicy(ownUid=4242)
+        bus = "/localapi/v0/watch-ipn-bus"
+        for query, allowed in (
+            ("", False),
+            ("mask=2", False),
+            ("mask=18", True),
+            ("mask=16", True),
+            ("mask=18&mask=2", False),
+            ("mask=18;x=1", False),
+            ("mask=%31%38", True),
+            ("mask=-16", False),
+            ("mask=0x10", False),
+        ):
+            self.assertEqual(policy.decideLocalAPI(NOBODY, "GET", bus, query).allowed, allowed, query)
+        self.fromClient(b"GET /localapi/v0/watch-ipn-bus?mask=2 HTTP/1.1\r\n\r\n")
+        self.assertEqual(self.upstream.value(), b"")
+        self.assertIn(b"NotifyNoPrivateKeys", self.client.value())
+
     def test_refusalSentWhenTailscaledLeaves(self) -> None:
         self.fromClient(STATUS + LOGOUT)
         self.upstream.protocol.connectionLost(Failure(ConnectionDone()))

@@ -104,7 +104,7 @@ class GuardedRelay(Relay):
                     why = f"request target {head.target[:80]!r} is not a path (origin form)"
                     self._refuse(400, "Bad Request", f"tsmux: {why}\n", why)
                     return
-                decision = self._policy.decideLocalAPI(self._peer, head.method, head.path)
+                decision = self._policy.decideLocalAPI(self._peer, head.method, head.path, head.query)
                 if not decision.allowed:
                     self._refuse(403, "Forbidden", f"tsmux: {decision.reason}\n", decision.reason)
                     return

@@ -56,6 +56,11 @@ class RequestHead:
         return unquote(path, errors="strict")
 
     @property
+    def query(self) -> str:
+        """The raw query string (after C{?}, before any C{#})."""
+        return self.target.partition("?")[2].partition("#")[0]
+
+    @property
     def originForm(self) -> bool:
         """C{/path?query}: the only form tsmux's guard accepts (clients of a Unix socket send it)."""
         return self.target.startswith("/")

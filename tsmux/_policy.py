@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 from enum import Enum
 from typing import Final
 
@@ -103,6 +104,24 @@ def _writerOnly(name: str) -> bool:
     return False
 
 
+NOTIFY_NO_PRIVATE_KEYS: Final = 1 << 4
+"""ipn.NotifyNoPrivateKeys: a reader's IPN-bus watch must ask for private keys to be filtered."""
+
+
+def _noPrivateKeys(query: str) -> bool:
+    """
+    Whether C{query} asks for private-key filtering the way tailscaled reads
+    it (C{r.FormValue("mask")}, parsed as a base-10 uint64).  Anything
+    ambiguous (several masks, C{;} separators) counts as not asking.
+    """
+    if ";" in query:
+        return False
+    masks = [value for key, value in parse_qsl(query, keep_blank_values=True) if key == "mask"]
+    if len(masks) != 1 or not (masks[0].isascii() and masks[0].isdigit()) or len(masks[0]) > 20:
+        return False
+    return bool(int(masks[0]) & NOTIFY_NO_PRIVATE_KEYS)
+
+
 def supplementaryGroups(pid: int) -> frozenset[int]:
     """
     The caller's supplementary groups, from C{/proc/PID/status}.  SO_PEERCRED
@@ -166,9 +185,16 @@ class AccessPolicy:
             return True
         return bool(self.adminGids and self.adminGids & self._groups(peer))
 
-    def decideLocalAPI(self, peer: PeerCredentials | None, method: str, path: str) -> Decision:
+    def decideLocalAPI(self, peer: PeerCredentials | None, method: str, path: str, query: str = "") -> Decision:
         """For a non-admin: may this request pass?"""
         access = classifyLocalAPIRequest(method, path)
+        if access is Access.READ and path == LOCALAPI_PREFIX + "watch-ipn-bus" and not _noPrivateKeys(query):
+            # tailscaled gives readers the IPN bus only with private keys filtered
+            # (mask & NotifyNoPrivateKeys); behind tsmux it would see tsmux's rights.
+            return Decision(
+                False,
+                "watch-ipn-bus without ipn.NotifyNoPrivateKeys (mask bit 16) needs LocalAPI write access",
+            )
         if access is Access.DIAL:
             if self.dialNeedsPassword:
                 return Decision(False, "--socks-auth is set: dial through SOCKS5 or HTTP CONNECT with a password")
