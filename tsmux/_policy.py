@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
 from enum import Enum
 from typing import Final
+from urllib.parse import parse_qsl
 
 from ._peercred import PeerCredentials
 
