@@ -304,9 +304,11 @@ class Relay:
         else:
             return
         if not self.finished:
+            # Nothing moved for that long: a peer holding unread bytes will not read
+            # them now, so abort rather than wait for a flush that never comes.
             for end in (self.client, self.upstream):
                 if not end.lost:
-                    closeTransport(end.transport)
+                    end.transport.abortConnection()
 
     def _readDone(self, end: RelayEnd) -> None:
         if end.readDone:

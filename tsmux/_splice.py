@@ -134,12 +134,22 @@ class SpliceRelay:
                 return None
             direction.end.bytesReceived += count
             direction.inPipe += count
-            self._flush(direction)
+            failure = self._flush(direction)
+            if failure is not None:
+                # The destination failed: stop reading for it, and report its loss on
+                # the next turn (not from inside the source's read).
+                direction.src.stopReading()
+                dst = direction.dst
+                dst.stopReading()
+                dst.stopWriting()
+                dst.reactor.callLater(0, dst.connectionLost, failure)
+                return None
         return None
 
     def _write(self, transport: Any, direction: _Direction) -> object:
         """The destination is writable: flush what the direction into it holds."""
-        self._flush(direction)
+        if self._flush(direction) is not None:
+            return main.CONNECTION_LOST  # this transport is the destination that failed
         if direction.inPipe or direction.prefix:
             return None
         transport.stopWriting()
@@ -153,12 +163,13 @@ class SpliceRelay:
             transport._closeWriteConnection()
         return None
 
-    def _flush(self, direction: _Direction) -> None:
+    def _flush(self, direction: _Direction) -> Failure | None:
+        """Move what the direction holds into its destination; a failure if the destination failed."""
         dst = direction.dst
         if not dst.connected:
             direction.prefix = b""
             direction.inPipe = 0
-            return
+            return None
         try:
             if direction.prefix:
                 sent = dst.socket.send(direction.prefix)
@@ -170,17 +181,14 @@ class SpliceRelay:
         except BlockingIOError:
             pass
         except OSError as error:
-            # The destination failed (reset, broken pipe): it is lost, as Twisted would
-            # find on its next write; report it on the next turn, not inside this call.
+            # The destination failed (reset, broken pipe): it is lost, as Twisted would find.
             direction.prefix = b""
             direction.inPipe = 0
-            dst.stopReading()
-            dst.stopWriting()
-            dst.reactor.callLater(0, dst.connectionLost, Failure(ConnectionLost(error.strerror)))
-            return
+            return Failure(ConnectionLost(error.strerror))
         if direction.inPipe or direction.prefix:
             direction.src.stopReading()
             dst.startWriting()
+        return None
 
     def close(self) -> None:
         """Both transports are gone: release the pipes."""
