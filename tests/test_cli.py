@@ -6,6 +6,7 @@ import os
 import socket
 import stat
 import subprocess
+import time
 
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -18,6 +19,14 @@ from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, ts
 
 def run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=childEnvironment())
+
+
+def waitForLog(tsmux, text: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in tsmux.log():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} never logged:\n{tsmux.log()}")
+        time.sleep(0.05)
 
 
 class OptionTests(SynchronousTestCase):
@@ -180,6 +189,7 @@ class GroupAndLogFormatTests(SynchronousTestCase):
         import json
 
         tsmux = startTsmux(self, "--dialer", "direct", "--log-format", "json")
+        waitForLog(tsmux, "tsmux.connection")
         tsmux.stop()
         self.assertNotIn("\x1e", tsmux.log())  # plain JSON lines, not json-seq
         events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
@@ -189,6 +199,9 @@ class GroupAndLogFormatTests(SynchronousTestCase):
         import json
 
         tsmux = startTsmux(self, "--dialer", "direct", twistd=True, twistdArgs=["--logger=tsmux.jsonLogObserver"])
+        # The readiness probe's connection is logged once the reactor runs (twistd
+        # installs its signal handlers only then: a SIGTERM before would just kill it).
+        waitForLog(tsmux, "tsmux.connection")
         tsmux.stop()
         events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
         self.assertTrue(any(e.get("log_namespace") == "tsmux.connection" for e in events), tsmux.log())

@@ -67,3 +67,23 @@ class TsmuxAPITests(TestCase):
         path, _ = startMux(self)
         head, _ = await threads.deferToThread(get, path, "/tsmux/v0/nope")
         self.assertTrue(head.startswith(b"HTTP/1.1 404"), head)
+
+
+class TsmuxAPIHeadTests(TestCase):
+    timeout = 30
+
+    async def test_headHasNoBody(self) -> None:
+        path, _ = startMux(self)
+
+        def head() -> bytes:
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(10)
+            sock.connect(path)
+            sock.sendall(b"HEAD /tsmux/v0/status HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = recvAll(sock)
+            sock.close()
+            return data
+
+        data = await threads.deferToThread(head)
+        self.assertTrue(data.startswith(b"HTTP/1.1 200 OK"), data)
+        self.assertTrue(data.endswith(b"\r\n\r\n"), data)

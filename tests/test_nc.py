@@ -12,6 +12,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
+from tsmux import _nc
 from tsmux._nc import NcDialer
 from tsmux._socks5 import Reply
 
@@ -36,6 +37,10 @@ open(os.environ["FAKE_NC_MARKER"], "a").write(" ".join(sys.argv[1:]) + "\\n")
 host, port = sys.argv[4], int(sys.argv[5])
 if host == "refuse.invalid":
     sys.stderr.write("dial failure: dial tcp 127.0.0.1:1: connect: connection refused\\n")
+    sys.exit(1)
+if host == "slow.invalid":
+    import time
+    time.sleep(20)  # still "dialing", not reading stdin
     sys.exit(1)
 sock = socket.create_connection((host, port))
 die = host == "localhost"
@@ -155,6 +160,18 @@ class NcDialerTests(TestCase):
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         self.assertEqual(line["outcome"], "error")
         self.assertIn("tailscale nc exited with status 3", line["detail"])
+
+    async def test_processKilledWhenTheClientLeaves(self) -> None:
+        """Regression (review): a client leaving must not leave tailscale nc running, nor the record open."""
+        self.patch(_nc, "STDIN_CLOSED_KILL_AFTER", 0.5)
+
+        def client() -> int:
+            sock, reply = socksConnect(self.path, "slow.invalid", 80)
+            sock.close()
+            return reply
+
+        self.assertEqual(await threads.deferToThread(client), Reply.SUCCEEDED)  # after the grace period
+        await waitUntilClosed(self.factory, timeout=5)
 
 
 class NcAgainstTailscaledTests(TestCase):

@@ -8,9 +8,11 @@ import socket
 import time
 
 from twisted.internet import defer, task, threads
+from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 
+from tsmux import _relay
 from tsmux._socks5 import buildRequest
 from tsmux._splice import PIPE_SIZE
 
@@ -110,6 +112,45 @@ class FlowControlTests(TestCase):
         data = first + await threads.deferToThread(recvAll, sock)
         self.assertEqual(len(data), size)
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(pattern(size)).digest())
+
+
+class Sink(Protocol):
+    """A target that never reads: its kernel buffers fill, then tsmux cannot flush to it."""
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.pauseProducing()
+
+
+class LingerTests(TestCase):
+    timeout = 30
+
+    async def test_peerThatNeverReadsIsCutAfterTheLinger(self) -> None:
+        """
+        Regression (review): the client side is cut (as at shutdown) while the
+        target never reads; the relay must still end, with its log line.
+        """
+        self.patch(_relay, "LINGER", 0.5)
+        path, factory = startMux(self, splice=False)
+        port = listenTCP(self, Sink)
+
+        def client() -> None:
+            sock, reply = socksConnect(path, "127.0.0.1", port)
+            assert reply == 0
+            sock.settimeout(1)
+            try:
+                for _ in range(1024):  # up to 64 MiB, until everything between us and the target is full
+                    sock.sendall(b"x" * 65536)
+            except TimeoutError:
+                pass
+            return sock
+
+        sock = await threads.deferToThread(client)
+        self.addCleanup(sock.close)
+        await task.deferLater(reactor, 0.2, lambda: None)
+        for record in list(factory.openConnections):
+            record.transport.abortConnection()
+        await waitFor(lambda: not factory.openConnections, timeout=5, what="the relay to be cut")
 
 
 class OptimisticDataTests(TestCase):

@@ -97,6 +97,16 @@ class DetectionTests(MuxTestMixin, SynchronousTestCase):
         self.assertEqual(len(self.factory.openConnections), 0)
 
 
+class TsmuxAPITimeoutTests(MuxTestMixin, SynchronousTestCase):
+    def test_incompleteRequestTimesOut(self) -> None:
+        """Regression (review): an unfinished /tsmux/ request must not hold a slot forever."""
+        _, transport = self.connect()
+        transport.protocol.dataReceived(b"GET /tsmux/v0/status HTTP/1.1\r\n")
+        self.reactor.advance(30.1)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(self.connectionLines()[0]["outcome"], "timeout")
+
+
 class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
     def handshake(self, host: str = "peer.example.ts.net", port: int = 80, extra: bytes = b""):
         _, transport = self.connect()

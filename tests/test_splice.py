@@ -124,7 +124,11 @@ class SpliceMisbehaviourTests(TestCase):
             return received
 
         line = await self.relayOnce(target, client)
-        self.assertEqual(line["bytesToClient"] - 12, self.clientResult)  # what was relayed arrived
+        # The log counts what tsmux relayed; the client got that, or less if the reset
+        # reached it first (Linux may drop queued bytes on a reset).
+        self.assertGreater(self.clientResult, 0)
+        self.assertLessEqual(self.clientResult, line["bytesToClient"] - 12)
+        self.assertEqual(line["outcome"], "error")
 
     async def test_halfCloseBothWaysWithBulkData(self) -> None:
         payload = os.urandom(2_000_000)

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import FileLogObserver, eventAsJSON, globalLogBeginner, textFileLogObserver
 from twisted.python import usage
 
@@ -77,6 +78,14 @@ def jsonLogObserver() -> FileLogObserver:
     return _jsonLines(sys.stdout)
 
 
+def _stopQuietly(reactor: Any) -> None:
+    """Stop the reactor unless it is already stopping (e.g. a failed start)."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass
+
+
 def _handleSignals(reactor: Any, tsmux: Any) -> None:
     """
     The first SIGTERM/SIGINT stops gracefully (open connections get
@@ -88,7 +97,7 @@ def _handleSignals(reactor: Any, tsmux: Any) -> None:
         nonlocal stopping
         if not stopping:
             stopping = True
-            reactor.callFromThread(reactor.stop)
+            reactor.callFromThread(_stopQuietly, reactor)
         else:
             reactor.callFromThread(tsmux.cutNow)
 

@@ -34,6 +34,10 @@ from ._localapi import LocalAPIClient
 from ._socks5 import Reply
 
 _MAX_STDERR = 4096
+KILL_AFTER = 1.0
+"""Seconds a closed C{tailscale nc} gets to exit by itself before it is killed."""
+STDIN_CLOSED_KILL_AFTER = 10.0
+"""The same after only its stdin was closed (the client's EOF)."""
 
 
 class TailscaleNotRunning(DialError):
@@ -51,9 +55,11 @@ class _ProcessStream:
     paused for flow control), EOF on stdin is the write shutdown.
     """
 
-    def __init__(self, process: Any) -> None:
+    def __init__(self, process: Any, clock: Any) -> None:
         self._process = process
+        self._clock = clock
         self.disconnecting = False
+        self._kill: Any = None
 
     @property
     def producer(self) -> object:
@@ -67,12 +73,28 @@ class _ProcessStream:
 
     def loseWriteConnection(self) -> None:
         self._process.closeStdin()
+        # tailscale nc has no half-close: after stdin's EOF it ends by itself once
+        # connected; one still dialing (not reading stdin) is killed after a while.
+        self._killLater(STDIN_CLOSED_KILL_AFTER)
+
+    def _killLater(self, seconds: float) -> None:
+        if self._kill is not None and self._kill.active():
+            if self._kill.getTime() - self._clock.seconds() <= seconds:
+                return
+            self._kill.cancel()
+        self._kill = self._clock.callLater(seconds, self.abortConnection)
 
     def loseConnection(self) -> None:
         self.disconnecting = True
         self._process.closeStdin()
         self._process.closeStdout()
         self._process.closeStderr()
+        # tailscale nc may still be dialing and not reading stdin: do not wait for it long.
+        self._killLater(KILL_AFTER)
+
+    def processEnded(self) -> None:
+        if self._kill is not None and self._kill.active():
+            self._kill.cancel()
 
     def abortConnection(self) -> None:
         self.disconnecting = True
@@ -118,12 +140,13 @@ class NcProcess(ProcessProtocol):
         self._owner: IProtocol | None = None
         self.transport: Any = None
         self.process: Any = None
+        self.stream: _ProcessStream | None = None
         self.up: defer.Deferred[NcProcess] = defer.Deferred(lambda d: self.abort())
 
     def connectionMade(self) -> None:
         # IUpstream.transport is the stream the relay uses; keep the process aside.
         self.process = self.transport
-        self.stream = _ProcessStream(self.process)
+        self.stream = _ProcessStream(self.process, self._clock)
         self.transport = self.stream
         self._graceCall = self._clock.callLater(self._grace, self._survived)
 
@@ -134,7 +157,7 @@ class NcProcess(ProcessProtocol):
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
-            self._stderr = (self._stderr + data)[:_MAX_STDERR]
+            self._stderr = (self._stderr + data)[-_MAX_STDERR:]  # the last words matter
             return
         if self._owner is not None:
             self._owner.dataReceived(data)
@@ -156,16 +179,19 @@ class NcProcess(ProcessProtocol):
 
     def processEnded(self, reason: Failure) -> None:
         self._cancelGrace()
+        if self.stream is not None:
+            self.stream.processEnded()
         code = getattr(reason.value, "exitCode", None)
         stderr = self._stderr.decode("utf-8", "replace").strip()
         if not self.up.called:
             text = stderr or f"exited with status {code}"
             self.up.errback(dialErrorFromLocalAPI(502, text) if stderr else DialError(f"tailscale nc {text}"))
             return
-        if code == 0 or code is None:
+        if code == 0:
             loss = Failure(error.ConnectionDone())
         else:
-            loss = Failure(error.ConnectionLost(f"tailscale nc exited with status {code}: {stderr[-200:]}"))
+            how = f"exited with status {code}" if code is not None else f"was killed (signal {reason.value.signal})"
+            loss = Failure(error.ConnectionLost(f"tailscale nc {how}: {stderr[-200:]}"))
         if self._owner is None:
             self._heldLoss = loss
         else:
@@ -236,9 +262,15 @@ class NcDialer:
         dialing.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timedOut)
         return dialing
 
+    async def close(self) -> None:
+        """Release the LocalAPI connections kept for state checks."""
+        await self._client.close()
+
     async def _dial(self, host: str, port: int) -> IUpstream:
         try:
             status = await self._client.status()
+        except defer.CancelledError:
+            raise
         except Exception:
             raise DialError(f"cannot ask tailscaled's state at {self._localapi}: {failureReason(Failure())}") from None
         state = (status or {}).get("BackendState", "unknown")

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
+    IDelayedCall,
     IHalfCloseableProtocol,
     IProtocol,
     IStreamClientEndpoint,
@@ -33,6 +34,9 @@ from ._interfaces import IUpstream
 from ._splice import SpliceRelay, canSplice
 
 _P = TypeVar("_P", bound=IProtocol)
+
+LINGER = 10.0
+"""Seconds a relay's surviving side gets to flush after the other side is gone."""
 
 
 def switchProtocol(transport: ITransport, protocol: IProtocol, buffered: bytes = b"") -> None:
@@ -236,6 +240,7 @@ class Relay:
         self.finished = False
         self.failure: Failure | None = None
         self.closedIdle: str | None = None
+        self._linger: IDelayedCall | None = None
         self.splice: SpliceRelay | None = None
         self._idleSeen = -1
         self._lastActive: float | None = None
@@ -269,6 +274,12 @@ class Relay:
             self._readDone(self.client)
         if resumeClient and not self.client.lost:
             clientTransport.resumeProducing()
+
+    def abort(self) -> None:
+        """Drop both sides now, whatever is unsent (shutdown cuts, a peer that never reads)."""
+        for end in (self.client, self.upstream):
+            if not end.lost and end.transport is not None:
+                end.transport.abortConnection()
 
     def _startSplice(self) -> None:
         """Switch to the kernel path, once; stay in Python where it does not apply."""
@@ -336,9 +347,16 @@ class Relay:
         if self.failure is None and not bothDone and not reason.check(ConnectionDone):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
+            # Flush what the peer is owed, but not forever: a peer that stopped
+            # reading would otherwise keep the relay (and its log line) open.
             closeTransport(end.peer.transport)
+            clock = getattr(end.peer.transport, "reactor", None)
+            if clock is not None and self._linger is None:
+                self._linger = clock.callLater(LINGER, self.abort)
         if self.client.lost and self.upstream.lost and not self.finished:
             self.finished = True
+            if self._linger is not None and self._linger.active():
+                self._linger.cancel()
             if self.splice is not None:
                 self.splice.close()
             if self._onFinished is not None:

@@ -110,7 +110,7 @@ class ConnectionRecord:
         """Record the ending and log it; later calls are ignored."""
         if self.outcome is not None:
             return
-        if self.cutAtShutdown:
+        if self.cutAtShutdown and not outcome.startswith("cut-at-shutdown"):
             outcome = f"cut-at-shutdown ({outcome})"
         self.outcome = outcome
         self.detail = detail
@@ -727,7 +727,7 @@ class HTTPConnectProtocol(_PhaseTimer, _WaitingForUpstream):
         super().readConnectionLost()
 
 
-class TsmuxAPIProtocol(Protocol):
+class TsmuxAPIProtocol(_PhaseTimer, Protocol):
     """
     tsmux's own endpoints, for admins: C{GET /tsmux/v0/metrics} (Prometheus
     text) and C{GET /tsmux/v0/status} (JSON).  One request per connection.
@@ -738,6 +738,15 @@ class TsmuxAPIProtocol(Protocol):
         self.record = record
         self._buffer = b""
         self._answered = False
+        self._head = False
+
+    def connectionMade(self) -> None:
+        self._startTimer(self._mux.reactor, self._mux.handshakeTimeout)
+
+    def _timedOut(self) -> None:
+        self.record.bytesFromClient = len(self._buffer)
+        self.record.finish("timeout", f"request not complete within {self._mux.handshakeTimeout:g} s")
+        self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self._answered:
@@ -758,6 +767,7 @@ class TsmuxAPIProtocol(Protocol):
             body = b"tsmux: /tsmux/ is for LocalAPI admins (uid 0, tsmux's uid, --admin-uid/--admin-gid, operator)\n"
             self._answer(403, "Forbidden", "text/plain; charset=utf-8", body, "refused-by-policy")
             return
+        self._head = head.method == "HEAD"
         if head.method not in ("GET", "HEAD"):
             self._answer(405, "Method Not Allowed", "text/plain; charset=utf-8", b"tsmux: GET only\n", "client-error")
         elif head.path == "/tsmux/v0/metrics":
@@ -790,10 +800,11 @@ class TsmuxAPIProtocol(Protocol):
 
     def _answer(self, status: int, reason: str, contentType: str, body: bytes, outcome: str) -> None:
         self._answered = True
+        self._stopTimer()
         response = (
             f"HTTP/1.1 {status} {reason}\r\nContent-Type: {contentType}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode("ascii") + body
+        ).encode("ascii") + (b"" if self._head else body)
         self.transport.write(response)
         self.record.bytesFromClient = len(self._buffer)
         self.record.bytesToClient = len(response)
@@ -801,5 +812,6 @@ class TsmuxAPIProtocol(Protocol):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._stopTimer()
         self.record.bytesFromClient = len(self._buffer)
         self.record.finish("client-closed", "before a complete request")

@@ -484,6 +484,9 @@ class TsmuxService(service.Service):
         if self._idleSweep is not None and self._idleSweep.running:
             self._idleSweep.stop()
         await self.localapi.close()
+        closeDialer = getattr(self.dialer, "close", None)
+        if closeDialer is not None:
+            await closeDialer()
         open = self.factory.openConnections
         if open:
             self.log.info(
@@ -500,8 +503,12 @@ class TsmuxService(service.Service):
                 record.cutAtShutdown = True
                 if record.transport is not None:
                     record.transport.abortConnection()
+            for relay in list(self.factory.relays):
+                relay.abort()
             # Aborted connections report their loss on the next turn; let their lines be logged.
-            await deferLater(self.reactor, 0.01)
+            await deferLater(self.reactor, 0.05)
+            for record in list(open):
+                record.finish("cut-at-shutdown", "still open when tsmux stopped")
 
 
 def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
