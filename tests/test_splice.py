@@ -111,12 +111,14 @@ class SpliceMisbehaviourTests(TestCase):
 
     async def test_sourceResetsWhileTheClientIsSlow(self) -> None:
         def target(connection: socket.socket) -> None:
+            connection.recv(2)  # the relay is up (a reset during the connect would be a dial error)
             connection.sendall(os.urandom(2_000_000))
             reset(connection)
 
         def client(path: str, port: int) -> int:
             sock, reply = socksConnect(path, "127.0.0.1", port)
             assert reply == 0
+            sock.sendall(b"go")
             time.sleep(1)
             sock.settimeout(10)
             received = drain(sock)
