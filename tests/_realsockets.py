@@ -157,3 +157,15 @@ def relayBufferedBytes(factory: MuxFactory | None = None) -> int:
         if isinstance(getattr(selectable, "protocol", None), RelayEnd):
             total += len(selectable.dataBuffer) - selectable.offset + selectable._tempDataLen
     return total
+
+
+def httpGet(path: str, target: str) -> tuple[bytes, bytes]:
+    """One GET over a Unix socket, the server closing after it: (head, body)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    sock.connect(path)
+    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n".encode())
+    data = recvAll(sock)
+    sock.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body

@@ -16,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tsmux._dialers import buildDialRequest
 from tsmux._socks5 import Reply
 
-from ._realsockets import pattern, recvAll, recvExactly, socksConnect
+from ._realsockets import httpGet, pattern, recvAll, recvExactly, socksConnect
 from ._tailnet import HELLO_BODY, startPrivateTailnet, tailnetSkipReason
 from ._tsmuxprocess import TsmuxProcess, startTsmux
 
@@ -30,13 +30,7 @@ def socksCurl(tsmux: TsmuxProcess, url: str, *args: str) -> subprocess.Completed
 
 
 def localapiGet(socketPath: str, path: str) -> tuple[int, bytes]:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(socketPath)
-    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n".encode())
-    data = recvAll(sock)
-    sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
+    head, body = httpGet(socketPath, path)
     return int(head.split(b" ", 2)[1]), body
 
 

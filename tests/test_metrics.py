@@ -8,18 +8,7 @@ import socket
 from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
-from ._realsockets import Echo, listenTCP, recvAll, recvExactly, socksConnect, startMux, waitUntilClosed
-
-
-def get(path: str, target: str) -> tuple[bytes, bytes]:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(path)
-    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n".encode())
-    data = recvAll(sock)
-    sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return head, body
+from ._realsockets import Echo, httpGet, listenTCP, recvAll, recvExactly, socksConnect, startMux, waitUntilClosed
 
 
 class TsmuxAPITests(TestCase):
@@ -44,7 +33,7 @@ class TsmuxAPITests(TestCase):
 
         await threads.deferToThread(traffic)
         await waitUntilClosed(factory)
-        head, body = await threads.deferToThread(get, path, "/tsmux/v0/metrics")
+        head, body = await threads.deferToThread(httpGet, path, "/tsmux/v0/metrics")
         self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
         self.assertIn(b"text/plain; version=0.0.4", head)
         text = body.decode()
@@ -57,7 +46,7 @@ class TsmuxAPITests(TestCase):
 
     async def test_status(self) -> None:
         path, factory = startMux(self)
-        head, body = await threads.deferToThread(get, path, "/tsmux/v0/status")
+        head, body = await threads.deferToThread(httpGet, path, "/tsmux/v0/status")
         status = json.loads(body)
         self.assertEqual(status["dialer"], "direct")
         self.assertEqual(status["localapi"]["path"], "/nonexistent/tailscaled.sock")
@@ -65,7 +54,7 @@ class TsmuxAPITests(TestCase):
 
     async def test_unknownEndpoint(self) -> None:
         path, _ = startMux(self)
-        head, _ = await threads.deferToThread(get, path, "/tsmux/v0/nope")
+        head, _ = await threads.deferToThread(httpGet, path, "/tsmux/v0/nope")
         self.assertTrue(head.startswith(b"HTTP/1.1 404"), head)
 
 

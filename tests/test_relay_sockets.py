@@ -5,17 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import subprocess
+import sys
 import time
 
 from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
 from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tsmux import _relay
+from tsmux._peercred import _peerGroups
 from tsmux._socks5 import buildRequest
 from tsmux._splice import PIPE_SIZE
 
+from ._otheruser import requireOtherUser
 from ._realsockets import (
     Echo,
     Source,
@@ -26,6 +30,7 @@ from ._realsockets import (
     recvAll,
     recvExactly,
     relayBufferedBytes,
+    shortTempDir,
     socksConnect,
     startMux,
 )
@@ -295,3 +300,30 @@ class ResourceTestsSpliced(ResourceTests):
 
 class PeerCredentialTestsSpliced(PeerCredentialTests):
     splice = True
+
+
+class PeerGroupsTests(SynchronousTestCase):
+    """Regression: supplementary groups come from SO_PEERGROUPS at accept (Python caps its buffer at 1 KiB)."""
+
+    def groupsOfAClientWith(self, count: int) -> frozenset[int] | None:
+        requireOtherUser()
+        directory = shortTempDir(self)
+        path = os.path.join(directory, "s.sock")
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        server.listen(1)
+        self.addCleanup(server.close)
+        groups = ",".join(str(gid) for gid in range(1000, 1000 + count))
+        script = f"import socket, time; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); time.sleep(2)"
+        child = subprocess.Popen(["setpriv", f"--groups={groups}", sys.executable, "-c", script])
+        self.addCleanup(child.wait)
+        self.addCleanup(child.kill)
+        connection, _ = server.accept()
+        self.addCleanup(connection.close)
+        return _peerGroups(connection)
+
+    def test_manyGroupsRead(self) -> None:
+        self.assertEqual(self.groupsOfAClientWith(100), frozenset(range(1000, 1100)))
+
+    def test_tooManyGroupsFallBack(self) -> None:
+        self.assertIsNone(self.groupsOfAClientWith(400))  # the policy then reads /proc

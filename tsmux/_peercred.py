@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 from dataclasses import dataclass
@@ -12,7 +13,8 @@ _UCRED = struct.Struct("3i")
 
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-_MAX_GROUPS = 65536
+_USUAL_GROUPS = 64
+_MAX_GROUPS = 256  # Python's getsockopt takes at most 1024 bytes
 
 
 @dataclass(frozen=True)
@@ -55,9 +57,16 @@ def peerCredentials(transport: ITransport) -> PeerCredentials | None:
 
 def _peerGroups(handle: socket.socket) -> frozenset[int] | None:
     """Supplementary groups at connect time; read here, not later from /proc (pids get reused)."""
+    # Per connection: ask with room for a usual group count, and only retry with the
+    # kernel's maximum when the caller really has more (the kernel says ERANGE).
     try:
-        raw = handle.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
-    except OSError:
-        return None
+        raw = handle.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _USUAL_GROUPS)
+    except OSError as error:
+        if error.errno != errno.ERANGE:
+            return None
+        try:
+            raw = handle.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * _MAX_GROUPS)
+        except OSError:
+            return None  # more groups than Python's getsockopt can carry: /proc instead
     count = len(raw) // 4
     return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))
