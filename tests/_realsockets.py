@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from tsmux._dialers import DirectDialer
 from tsmux._listen import defaultBacklog, listenOnPath
+from tsmux._localapi import LocalAPIAccess
 from tsmux._relay import RelayEnd
 from tsmux._server import MuxFactory
 from tsmux._socks5 import buildRequest, parseReply
@@ -36,11 +37,21 @@ def startMux(
 ) -> tuple[str, MuxFactory]:
     """A mux with the direct dialer (by default) listening on a fresh Unix socket."""
     path = os.path.join(shortTempDir(testCase), "tsmux.sock")
-    factory = MuxFactory(reactor, dialer or DirectDialer(reactor, timeout=5), localapi, **kw)
+    access = LocalAPIAccess(reactor, localapi, timeout=5)
+    factory = MuxFactory(reactor, dialer or DirectDialer(reactor, timeout=5), access, **kw)
     port = listenOnPath(reactor, path, factory, 0o600, defaultBacklog())
     testCase.addCleanup(port.stopListening)
     testCase.addCleanup(waitUntilClosed, factory)
     return path, factory
+
+
+async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll C{condition} with the reactor running, until true or C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 def waitUntilClosed(factory: MuxFactory, timeout: float = 10.0) -> defer.Deferred[None]:

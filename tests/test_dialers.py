@@ -18,9 +18,10 @@ from tsmux._errors import (
     LocalAPIUnreachable,
     NetworkUnreachable,
 )
+from tsmux._peercred import PeerCredentials
 from tsmux._relay import HeldConnection
 
-from ._fakes import HalfCloseStringTransport
+from ._fakes import EndpointLocalAPIAccess, HalfCloseStringTransport
 
 SOCKET = "/run/test/tailscaled.sock"
 UPGRADED = b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: ts-dial\r\n\r\n"
@@ -38,12 +39,13 @@ def goError(status: int, body: str) -> bytes:
 class LocalAPIDialerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.direct = RecordingDialer()
-        self.dialer = LocalAPIDialer(self.reactor, SOCKET, timeout=10, selfDialer=self.direct)
+        self.direct = RecordingTCPConnector()
+        self.access = EndpointLocalAPIAccess(self.reactor, SOCKET)
+        self.dialer = LocalAPIDialer(self.reactor, self.access, timeout=10, connectTCP=self.direct)
 
-    def dial(self, host: str = "peer", port: int = 80):
+    def dial(self, host: str = "peer", port: int = 80, caller: object = None):
         results: list[object] = []
-        deferred = self.dialer.dial(host, port)
+        deferred = self.dialer.dial(host, port, caller)
         deferred.addBoth(results.append)
         return deferred, results
 
@@ -139,8 +141,30 @@ class LocalAPIDialerTests(SynchronousTestCase):
         protocol.dataReceived(
             b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: [2001:db8::1]:443\r\nContent-Length: 0\r\n\r\n"
         )
-        self.assertEqual(self.direct.dials, [("2001:db8::1", 443)])
+        self.assertEqual(self.direct.dials, [("2001:db8::1", 443, None)])
         self.assertEqual(results, ["direct upstream"])
+
+    def test_dialsAsTheCaller(self) -> None:
+        """The ts-dial connection, and a Dial-Self socket, are made for the client's credentials."""
+        caller = PeerCredentials(1, 65534, 65534, frozenset({65534}))
+        self.dialer.dialSelf = "direct"
+        _, results = self.dial("example.com", 443, caller)
+        self.assertEqual(self.access.peers, [caller])
+        protocol, _ = self.accept()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: 192.0.2.7:443\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertEqual(self.direct.dials, [("192.0.2.7", 443, caller)])
+
+    def test_dialSelfWithUnusableAddress(self) -> None:
+        self.dialer.dialSelf = "direct"
+        _, results = self.dial("example.com", 443)
+        protocol, _ = self.accept()
+        protocol.dataReceived(
+            b"HTTP/1.1 200 OK\r\nDial-Self: true\r\nDial-Addr: some.name:443\r\nContent-Length: 0\r\n\r\n"
+        )
+        self.assertIs(type(results[0].value), DialError)
+        self.assertEqual(self.direct.dials, [])
 
     def test_garbage(self) -> None:
         _, results = self.dial()
@@ -190,14 +214,16 @@ class LocalAPIDialerTests(SynchronousTestCase):
         self.assertEqual(self.reactor.unixClients, [])
 
 
-class RecordingDialer:
-    def __init__(self) -> None:
-        self.dials: list[tuple[str, int]] = []
+class RecordingTCPConnector:
+    """Stands for L{tsmux._ascaller.connectTCPAs}."""
 
-    def dial(self, host: str, port: int):
+    def __init__(self) -> None:
+        self.dials: list[tuple[str, int, object]] = []
+
+    def __call__(self, reactor: object, host: str, port: int, identity: object, protocol: object, timeout: float):
         from twisted.internet import defer
 
-        self.dials.append((host, port))
+        self.dials.append((host, port, identity))
         return defer.succeed("direct upstream")
 
 
@@ -221,7 +247,7 @@ class HostileAnswerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.dialer = LocalAPIDialer(self.reactor, SOCKET, timeout=10)
+        self.dialer = LocalAPIDialer(self.reactor, EndpointLocalAPIAccess(self.reactor, SOCKET), timeout=10)
 
     def accept(self) -> TsDialProtocol:
         protocol = self.reactor.unixClients[-1][1].buildProtocol(None)

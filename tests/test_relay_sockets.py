@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 from twisted.internet import defer, task, threads
 from twisted.internet.protocol import Protocol
@@ -33,15 +32,8 @@ from ._realsockets import (
     shortTempDir,
     socksConnect,
     startMux,
+    waitFor,
 )
-
-
-async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
 
 
 class HalfCloseTests(TestCase):

@@ -10,11 +10,12 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tsmux._detect import SOCKS4_REJECTED
 from tsmux._errors import ConnectionRefused, DialRefusedByPolicy, DialTimeout, HostUnreachable
+from tsmux._limits import ConnectionLimits
 from tsmux._relay import RelayEnd
 from tsmux._server import PENDING_LIMIT, LocalAPIPassthrough, MuxFactory, MuxProtocol, SOCKS5ServerProtocol
 from tsmux._socks5 import Reply, buildReply, buildRequest
 
-from ._fakes import FakeDialer, HalfCloseStringTransport, connectedUpstream
+from ._fakes import FakeDialer, FakeLocalAPIAccess, HalfCloseStringTransport, connectedUpstream
 
 GREETING = b"\x05\x01\x00"
 DONE = Failure(ConnectionDone())
@@ -28,7 +29,8 @@ class MuxTestMixin:
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.dialer = FakeDialer()
-        self.factory = MuxFactory(self.reactor, self.dialer, "/nonexistent/tailscaled.sock", detectTimeout=15)
+        self.localapi = FakeLocalAPIAccess()
+        self.factory = MuxFactory(self.reactor, self.dialer, self.localapi, detectTimeout=15)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -56,7 +58,7 @@ class DetectionTests(MuxTestMixin, SynchronousTestCase):
             self.assertIsInstance(transport.protocol, MuxProtocol)
             transport.protocol.dataReceived(piece)
         self.assertIsInstance(transport.protocol, LocalAPIPassthrough)
-        self.assertEqual(self.reactor.unixClients[0][0], "/nonexistent/tailscaled.sock")
+        self.assertEqual(len(self.localapi.connects), 1)
 
     def test_socks4GetsRejection(self) -> None:
         _, transport = self.connect()
@@ -241,16 +243,25 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         self.assertTrue(upstreamTransport.disconnecting)
 
     def test_maxConnections(self) -> None:
-        self.factory.maxConnections = 2
+        """Refused at accept, counted in the metrics, no line per connection (one per burst)."""
+        self.factory.limits = ConnectionLimits(total=2, perUid=2, rootReserve=0)
         first, _ = self.connect()
         self.connect()
-        refused = self.factory.buildProtocol(None)
-        refusedTransport = HalfCloseStringTransport()
-        refused.makeConnection(refusedTransport)
+        refused, refusedTransport = self.connect()
         self.assertTrue(refusedTransport.disconnected)
-        self.assertEqual(self.connectionLines()[-1]["outcome"], "refused")
+        self.assertEqual(self.connectionLines(), [])
+        self.assertEqual(self.factory.metrics.limitRefusals, 1)
+        warnings = [e for e in self.events if e.get("log_level") == LogLevel.warn]
+        self.assertEqual(len(warnings), 1)
+        self.connect()
+        self.assertEqual(len([e for e in self.events if e.get("log_level") == LogLevel.warn]), 1)
+        refused.connectionLost(DONE)
         first.connectionLost(DONE)
-        self.assertIsInstance(self.factory.buildProtocol(None), MuxProtocol)
+        _, transport = self.connect()
+        self.assertFalse(transport.disconnected)
+        self.reactor.advance(11)
+        (summary,) = [e for e in self.events if "refused {count}" in e.get("log_format", "")]
+        self.assertEqual(summary["count"], 2)
 
     def test_socksAllowListRefuses02(self) -> None:
         from tsmux._policy import AccessPolicy
@@ -315,11 +326,11 @@ class PassthroughTests(MuxTestMixin, SynchronousTestCase):
         request = b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
         transport.protocol.dataReceived(request[:10])
         transport.protocol.dataReceived(request[10:])
-        path, factory = self.reactor.unixClients[0][:2]
+        _, protocol, connecting = self.localapi.connects[0]
         upstreamTransport = HalfCloseStringTransport()
-        protocol = factory.buildProtocol(None)
         upstreamTransport.protocol = protocol
         protocol.makeConnection(upstreamTransport)
+        connecting.callback(protocol)
         self.assertEqual(upstreamTransport.value(), request)
         upstreamTransport.protocol.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
         self.assertEqual(transport.value(), b"HTTP/1.1 200 OK\r\n\r\n")
@@ -327,8 +338,7 @@ class PassthroughTests(MuxTestMixin, SynchronousTestCase):
     def test_unreachableGets502(self) -> None:
         _, transport = self.connect()
         transport.protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
-        factory = self.reactor.unixClients[0][1]
-        factory.clientConnectionFailed(None, Failure(ConnectError(osError=2)))
+        self.localapi.connects[0][2].errback(Failure(ConnectError(osError=2)))
         response = transport.value()
         self.assertTrue(response.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), response)
         self.assertIn(b"/nonexistent/tailscaled.sock is unreachable: No such file or directory", response)

@@ -3,11 +3,16 @@ tsmux: SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket.
 
 The daemon is C{tsmux} (or C{twistd -n tsmux}); this package's public API is
 what a program embedding or extending it needs: the dialer interface and its
-implementations, the typed dial errors, and the server factory.
+implementations, the typed dial errors, and the server factory.  Importing
+the package loads none of the daemon: the names that live in its modules are
+imported on first use, so C{import tsmux.client} stays light.
 """
 
-from ._cli import jsonLogObserver
-from ._dialers import DirectDialer, LocalAPIDialer
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from ._errors import (
     ConnectionRefused,
     DialError,
@@ -18,10 +23,28 @@ from ._errors import (
     NetworkUnreachable,
 )
 from ._interfaces import IDialer, IUpstream
-from ._server import MuxFactory
-from ._service import Config, Options, buildService
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "Config": "._service",
+    "Options": "._service",
+    "buildService": "._service",
+    "MuxFactory": "._server",
+    "DirectDialer": "._dialers",
+    "LocalAPIDialer": "._dialers",
+    "jsonLogObserver": "._cli",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tsmux' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Config",

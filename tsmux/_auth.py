@@ -13,6 +13,9 @@ import os
 import stat
 from dataclasses import dataclass
 
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
 from ._listen import StartupError
 
 
@@ -68,3 +71,72 @@ def readUpstreamCredentials(path: str) -> tuple[bytes, bytes]:
     if len(entries) != 1:
         raise StartupError(f"--upstream-auth file {path} must hold exactly one user:password line")
     return entries[0]
+
+
+class PasswordThrottle:
+    """
+    Slows down a uid that keeps sending wrong passwords.
+
+    The first few wrong answers go out at once; after that every password
+    answer to that uid (right or wrong, so that waiting out a delay tells
+    nothing) waits its turn, and the turns are spaced by a delay that doubles
+    with each further failure, up to C{maxDelay}.  Turns are per uid, not
+    per connection, so parallel connections do not multiply the guessing
+    rate.  A uid that stays quiet for C{forgetAfter} seconds, or gets a
+    password right, starts afresh.  One warning per burst.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        freeFailures: int = 3,
+        firstDelay: float = 0.25,
+        maxDelay: float = 5.0,
+        forgetAfter: float = 60.0,
+    ) -> None:
+        self._clock = clock
+        self._free = freeFailures
+        self._first = firstDelay
+        self._max = maxDelay
+        self._forget = forgetAfter
+        self._failures: dict[int | None, int] = {}
+        self._nextTurn: dict[int | None, float] = {}
+        self._lastFailure: dict[int | None, float] = {}
+
+    def answered(self, uid: int | None, ok: bool) -> float:
+        """
+        Record an answer about to be given to C{uid}.
+
+        @return: seconds to wait before giving it (0: at once).
+        """
+        now = self._clock.seconds()
+        if uid in self._lastFailure and now - self._lastFailure[uid] > self._forget:
+            self._reset(uid)
+        failures = self._failures.get(uid, 0)
+        delay = 0.0
+        if failures >= self._free:
+            turn = max(now, self._nextTurn.get(uid, now)) + self._delayAfter(failures)
+            self._nextTurn[uid] = turn
+            delay = turn - now
+        if ok:
+            self._reset(uid)
+            return delay
+        self._failures[uid] = failures + 1
+        self._lastFailure[uid] = now
+        if failures + 1 == self._free:
+            self.log.warn(
+                "uid {uid}: {count} wrong passwords in a row; its password answers are now delayed",
+                uid=uid,
+                count=failures + 1,
+            )
+        return delay
+
+    def _delayAfter(self, failures: int) -> float:
+        return min(self._max, self._first * 2 ** (failures - self._free))
+
+    def _reset(self, uid: int | None) -> None:
+        self._failures.pop(uid, None)
+        self._nextTurn.pop(uid, None)
+        self._lastFailure.pop(uid, None)

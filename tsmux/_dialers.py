@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint,
-    TCP4ClientEndpoint,
-    TCP6ClientEndpoint,
-    UNIXClientEndpoint,
-)
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IProtocol, IReactorTime, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._ascaller import Identity, connectTCPAs
 from ._errors import (
     DialError,
     DialRefusedByPolicy,
@@ -37,8 +34,14 @@ from ._errors import (
 )
 from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
+from ._peercred import PeerCredentials
 from ._relay import HandshakeThenHold, HeldConnection, quietConnect
 from ._socks5client import SOCKS5ClientProtocol
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._localapi import LocalAPIAccess
+
+TCPConnector = Callable[[Any, str, int, "Identity | None", IProtocol, float], defer.Deferred[IProtocol]]
 
 DialSelfPolicy = Literal["refuse", "direct"]
 DEFAULT_DIAL_TIMEOUT = 10.0
@@ -86,7 +89,7 @@ class DirectDialer:
         self._reactor = reactor
         self._timeout = timeout
 
-    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+    def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         try:
             _checkTarget(host, port)
         except DialError as error:
@@ -244,7 +247,9 @@ class LocalAPIDialer:
     Dials through tailscaled with C{POST /localapi/v0/dial} and the
     C{ts-dial} upgrade, one LocalAPI connection per dial, exactly as
     C{tailscale nc} does.  Names go to tailscaled unresolved, so MagicDNS
-    names work.
+    names work.  The LocalAPI connection is made as the caller (see
+    L{LocalAPIAccess}), so tailscaled attributes each dial to the real user,
+    and so is the TCP socket of a C{Dial-Self} answer dialed here.
     """
 
     log = Logger()
@@ -252,32 +257,36 @@ class LocalAPIDialer:
     def __init__(
         self,
         reactor: IReactorTime,
-        socketPath: str,
+        access: LocalAPIAccess | str,
         dialSelf: DialSelfPolicy = "refuse",
         timeout: float = DEFAULT_DIAL_TIMEOUT,
-        selfDialer: IDialer | None = None,
         health: LocalAPIHealth | None = None,
+        connectTCP: TCPConnector = connectTCPAs,
     ) -> None:
         if dialSelf not in ("refuse", "direct"):
             raise ValueError(f"dialSelf must be 'refuse' or 'direct', not {dialSelf!r}")
+        if isinstance(access, str):
+            from ._localapi import LocalAPIAccess
+
+            access = LocalAPIAccess(reactor, access, timeout)
         self._reactor = reactor
-        self.socketPath = socketPath
+        self._access = access
+        self.socketPath = access.path
         self.dialSelf = dialSelf
         self._timeout = timeout
-        self._selfDialer = selfDialer if selfDialer is not None else DirectDialer(reactor, timeout)
-        self.health = health if health is not None else LocalAPIHealth(socketPath)
-        self.description = f"localapi:{socketPath}"
+        self._connectTCP = connectTCP
+        self.health = health if health is not None else LocalAPIHealth(access.path)
+        self.description = f"localapi:{access.path}"
 
-    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+    def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         try:
             _checkTarget(host, port)
         except DialError as error:
             return defer.fail(error)
-        endpoint = UNIXClientEndpoint(self._reactor, self.socketPath, timeout=self._timeout)
         protocol = TsDialProtocol(host, port)
-        connecting = quietConnect(endpoint, protocol)
+        connecting = self._access.connect(caller, protocol)
         connecting.addCallbacks(self._connected, self._unreachable)
-        connecting.addCallback(self._answered, host, port)
+        connecting.addCallback(self._answered, host, port, caller)
         return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port} via tailscaled")
 
     def _connected(self, protocol: TsDialProtocol) -> defer.Deferred[object]:
@@ -291,23 +300,37 @@ class LocalAPIDialer:
         self.health.failed(reason)
         return Failure(LocalAPIUnreachable(f"tailscaled's LocalAPI at {self.socketPath} is unreachable: {reason}"))
 
-    def _answered(self, result: object, host: str, port: int) -> object:
+    def _answered(self, result: object, host: str, port: int, caller: PeerCredentials | None) -> object:
         if not isinstance(result, _DialSelf):
             return result
         if self.dialSelf == "direct":
-            target = _splitAddress(result.address) or (host, port)
-            return self._selfDialer.dial(*target)
+            # "Dial it yourself, as your own uid": the socket is created with the
+            # caller's ids, so owner-match firewall rules see the caller.
+            target = _splitAddress(result.address)
+            if target is None:
+                raise DialError(f"tailscaled answered Dial-Self with an unusable address {result.address!r}")
+            selfHost, selfPort = target
+            identity = self._access.identityFor(caller)
+            connecting = self._connectTCP(
+                self._reactor, selfHost, selfPort, identity, HeldConnection(), self._timeout
+            ).addErrback(_asDialError)
+            return connecting
         raise DialRefusedByPolicy(
             f"tailscaled answered Dial-Self: {host}:{port} is not on the tailnet and --dial-self=refuse"
         )
 
 
 def _splitAddress(address: str) -> tuple[str, int] | None:
-    """C{"1.2.3.4:80"} or C{"[::1]:80"} → host, port; C{None} if unusable."""
+    """C{"1.2.3.4:80"} or C{"[::1]:80"} → IP, port; C{None} if unusable."""
     host, colon, port = address.rpartition(":")
-    if not colon or not (port.isascii() and port.isdigit()):
+    if not colon or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 0xFFFF:
         return None
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return host, int(port)
 
 
 @implementer(IDialer)
@@ -334,7 +357,7 @@ class SOCKS5Dialer:
         self.description = f"socks5:{description}"
         self._where = description
 
-    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+    def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         try:
             _checkTarget(host, port)
         except DialError as failure:

@@ -38,10 +38,13 @@ class IDialer(Interface):
 
     description = Attribute("A short name for logs, e.g. C{'localapi:/var/run/...'}.")
 
-    def dial(host, port):  # type: ignore[no-untyped-def]
+    def dial(host, port, caller=None):  # type: ignore[no-untyped-def]
         """
         Open a stream to C{host} (an IP literal, or a name passed on
-        unresolved) port C{port}.
+        unresolved) port C{port}, on behalf of C{caller} (the client's
+        L{tsmux._peercred.PeerCredentials}, or C{None}): a dialer that can
+        act as the caller toward what it connects to (tailscaled, a
+        C{tailscale nc} child) does.
 
         @return: a cancellable L{Deferred} firing with an L{IUpstream}, or
             failing with a L{tsmux.DialError} subclass.

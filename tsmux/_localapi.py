@@ -1,32 +1,29 @@
 """
-A small JSON client for tailscaled's LocalAPI over its Unix socket, on treq.
-
-The daemon uses it to learn tailscaled's operator (who, besides root, may
-write); programs may use it for status, whois and prefs.  For the C{ts-dial}
-upgrade see L{tsmux._dialers}: treq cannot take a C{101}.
+Reaching tailscaled's LocalAPI: L{LocalAPIAccess}, how the daemon connects
+for a caller (as that caller), and L{LocalAPIClient}, a small JSON client
+on treq that the C{nc} dialer and programs use for status, whois and prefs.
+For the C{ts-dial} upgrade see L{tsmux._dialers}: treq cannot take a C{101}.
 """
 
 from __future__ import annotations
 
 import json
-import pwd
+import os
 from typing import Any
 from urllib.parse import quote
 
 from treq.client import HTTPClient
-from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
+from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
-from ._errors import failureReason
-from ._policy import AccessPolicy
+from ._ascaller import Identity, canActAsOthers, connectUnixAs
+from ._peercred import PeerCredentials
+from ._policy import callerGroups
 
 # tailscaled refuses a LocalAPI request whose Host is anything else.
 LOCALAPI_HOST = "local-tailscaled.sock"
@@ -94,62 +91,60 @@ class LocalAPIClient:
         await self._pool.closeCachedConnections()
 
 
-class OperatorWatcher:
+class LocalAPIAccess:
     """
-    Keeps C{policy.operatorUid} equal to tailscaled's operator
-    (C{OperatorUser} in its prefs), refreshed every C{interval} seconds.  A
-    failed lookup is logged once and leaves only the configured admins.
+    How tsmux connects to tailscaled's LocalAPI on a caller's behalf: as the
+    caller.  tailscaled reads the connecting task's effective ids
+    (SO_PEERCRED) and decides every request on them, so a connection made
+    with the caller's uid, gid and groups gets exactly the caller's rights:
+    tailscaled's own rules, operator, sudo checks and revocations, whatever
+    its release, with nothing imitated here.
+
+    Whether tsmux may switch ids is decided by L{decide}, at start (after
+    twistd may have dropped root).  Without that privilege, only callers of
+    tsmux's own uid reach the LocalAPI; tsmux never lends its own rights.
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, client: LocalAPIClient, policy: AccessPolicy, interval: float) -> None:
-        self._client = client
-        self._policy = policy
-        self._loop = LoopingCall(lambda: defer.ensureDeferred(self.refresh()))
-        self._loop.clock = clock
-        self._interval = interval
-        self._lastProblem: str | None = None
-        self.operatorName: str | None = None
+    def __init__(self, reactor: Any, path: str, timeout: float) -> None:
+        self._reactor = reactor
+        self.path = path
+        self._timeout = timeout
+        self.ownUid = os.geteuid()
+        self.actAsCallers = False
+        self.whyNot: str | None = "not started"
 
-    def start(self) -> None:
-        self._loop.start(self._interval, now=True).addErrback(self._crashed)
+    def decide(self) -> None:
+        """See, now, whether this process can act as its callers; say so once if not."""
+        self.ownUid = os.geteuid()
+        self.whyNot = canActAsOthers()
+        self.actAsCallers = self.whyNot is None
+        if self.whyNot is not None:
+            self.log.warn(
+                "tsmux cannot act as its callers toward tailscaled ({why}): LocalAPI requests from uids other "
+                "than {uid} get 403; SOCKS5 and HTTP CONNECT dials are made as uid {uid}",
+                why=self.whyNot,
+                uid=self.ownUid,
+            )
 
-    def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+    def identityFor(self, peer: PeerCredentials | None) -> Identity | None:
+        """Who to be toward tailscaled for C{peer}; C{None}: this process itself."""
+        if peer is None or not self.actAsCallers:
+            return None
+        return Identity(peer.uid, peer.gid, callerGroups(peer))
 
-    def _crashed(self, failure: Failure) -> None:  # pragma: no cover - refresh never raises
-        self.log.failure("operator lookup stopped", failure)
+    def refusal(self, peer: PeerCredentials | None) -> str | None:
+        """Why C{peer} may not use the LocalAPI through tsmux at all, or C{None}."""
+        if peer is None:
+            return "the caller is unknown (no peer credentials), and tsmux never lends tailscaled's rights"
+        if self.actAsCallers or peer.uid == self.ownUid:
+            return None
+        return (
+            f"tsmux cannot connect to tailscaled as uid {peer.uid} ({self.whyNot}) and never lends its own "
+            f"rights; use tailscaled's socket {self.path} directly"
+        )
 
-    async def refresh(self) -> None:
-        try:
-            prefs = await self._client.prefs()
-        except (ConnectError, OSError):
-            # tailscaled's LocalAPI is down: LocalAPIHealth says so once; no second warning.
-            self._problem(f"cannot reach tailscaled's LocalAPI: {failureReason(Failure())}", quiet=True)
-            return
-        except Exception:
-            self._problem(f"cannot read tailscaled's prefs: {failureReason(Failure())}")
-            return
-        name = (prefs or {}).get("OperatorUser") or None
-        if name is None:
-            uid = None
-        else:
-            try:
-                uid = pwd.getpwnam(name).pw_uid
-            except KeyError:
-                self._problem(f"tailscaled's operator {name!r} is not a user on this host")
-                return
-        if name != self.operatorName or self._lastProblem is not None:
-            self.log.info("tailscaled's operator: {operator}", operator=f"{name} (uid {uid})" if name else "none")
-        self._lastProblem = None
-        self.operatorName = name
-        self._policy.operatorUid = uid
-
-    def _problem(self, problem: str, quiet: bool = False) -> None:
-        self._policy.operatorUid = None
-        self.operatorName = None
-        if problem != self._lastProblem and not quiet:
-            self.log.warn("{problem}; LocalAPI writes only for the configured admins", problem=problem)
-        self._lastProblem = problem
+    def connect(self, peer: PeerCredentials | None, protocol: IProtocol) -> Deferred[IProtocol]:
+        """Connect C{protocol} to the LocalAPI as C{peer} (call L{refusal} first)."""
+        return connectUnixAs(self._reactor, self.path, self.identityFor(peer), protocol, self._timeout)

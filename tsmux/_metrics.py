@@ -34,6 +34,7 @@ class Metrics:
         self.dialCount = 0
         self.dialSum = 0.0
         self.dialErrors: Counter[str] = Counter()
+        self.limitRefusals = 0
 
     def connectionEnded(self, record: Any) -> None:
         protocol = record.protocol
@@ -84,6 +85,10 @@ class Metrics:
         for protocol, count in sorted(self.policyRefusals.items()):
             lines.append(f'tsmux_policy_refusals_total{{protocol="{_escape(protocol)}"}} {count}')
         lines += [
+            "# HELP tsmux_limit_refusals_total Connections closed at accept by the connection limits (not logged "
+            "one by one).",
+            "# TYPE tsmux_limit_refusals_total counter",
+            f"tsmux_limit_refusals_total {self.limitRefusals}",
             "# HELP tsmux_dial_seconds Time from request to a connected or failed way out.",
             "# TYPE tsmux_dial_seconds histogram",
         ]

@@ -28,9 +28,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._ascaller import Identity, openPathDescriptor, spawnProcessAs
 from ._errors import DialError, DialTimeout, dialErrorFromLocalAPI, failureReason
 from ._interfaces import IDialer, IUpstream
-from ._localapi import LocalAPIClient
+from ._localapi import LocalAPIAccess, LocalAPIClient
+from ._peercred import PeerCredentials
 from ._socks5 import Reply
 
 _MAX_STDERR = 4096
@@ -226,7 +228,15 @@ class NcProcess(ProcessProtocol):
 
 @implementer(IDialer)
 class NcDialer:
-    """Spawns C{CLI --socket LOCALAPI nc HOST PORT} per connection."""
+    """
+    Spawns C{CLI --socket LOCALAPI nc HOST PORT} per connection, as the
+    caller (uid, gid and groups set directly: a caller may have no passwd
+    entry).  The child reaches tailscaled's socket through a descriptor
+    tsmux opened (C{--socket=/proc/self/fd/3}), so a socket in a directory
+    only root may enter still works.
+    """
+
+    LOCALAPI_FD = 3
 
     log = Logger()
 
@@ -238,6 +248,7 @@ class NcDialer:
         timeout: float = 10.0,
         grace: float = 0.3,
         client: LocalAPIClient | None = None,
+        access: LocalAPIAccess | None = None,
     ) -> None:
         self._reactor = reactor
         self._cli = cli
@@ -245,16 +256,17 @@ class NcDialer:
         self._timeout = timeout
         self._grace = grace
         self._client = client if client is not None else LocalAPIClient(reactor, localapi, timeout=timeout)
+        self._access = access if access is not None else LocalAPIAccess(reactor, localapi, timeout)
         self.description = f"nc:{cli}"
 
-    def dial(self, host: str, port: int) -> defer.Deferred[IUpstream]:
+    def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         from ._dialers import _checkTarget
 
         try:
             _checkTarget(host, port)
         except DialError as failure:
             return defer.fail(failure)
-        dialing = defer.ensureDeferred(self._dial(host, port))
+        dialing = defer.ensureDeferred(self._dial(host, port, self._access.identityFor(caller)))
 
         def timedOut(result: object, timeout: float) -> object:
             raise DialTimeout(f"tailscale nc {host} {port}: not up within {timeout:g} s")
@@ -266,7 +278,7 @@ class NcDialer:
         """Release the LocalAPI connections kept for state checks."""
         await self._client.close()
 
-    async def _dial(self, host: str, port: int) -> IUpstream:
+    async def _dial(self, host: str, port: int, identity: Identity | None) -> IUpstream:
         try:
             status = await self._client.status()
         except defer.CancelledError:
@@ -277,9 +289,19 @@ class NcDialer:
         if state != "Running":
             raise TailscaleNotRunning(f"tailscaled is {state}; not spawning {self._cli} nc")
         process = NcProcess(self._reactor, self._grace)
-        argv = [self._cli, "--socket", self._localapi, "nc", host, str(port)]
+        childFDs: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
+        socket = self._localapi
+        descriptor = None
         try:
-            self._reactor.spawnProcess(process, self._cli, argv, env=dict(os.environ))
+            if identity is not None:
+                descriptor = openPathDescriptor(self._localapi)
+                childFDs[self.LOCALAPI_FD] = descriptor
+                socket = f"/proc/self/fd/{self.LOCALAPI_FD}"
+            argv = [self._cli, "--socket", socket, "nc", host, str(port)]
+            spawnProcessAs(self._reactor, identity, process, self._cli, argv, env=dict(os.environ), childFDs=childFDs)
         except OSError as failure:
             raise DialError(f"cannot run {self._cli}: {failure.strerror}") from None
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
         return await process.up

@@ -47,7 +47,9 @@ def switchProtocol(transport: ITransport, protocol: IProtocol, buffered: bytes =
     transport.protocol = protocol  # type: ignore[attr-defined]
     protocol.makeConnection(transport)
     if buffered:
-        protocol.dataReceived(buffered)
+        # Whoever owns the transport now: C{protocol} may already have handed it on
+        # (a way out that connected at once, within connectionMade).
+        transport.protocol.dataReceived(buffered)  # type: ignore[attr-defined]
 
 
 class _OneShotFactory(Factory):
@@ -240,6 +242,7 @@ class Relay:
         self.finished = False
         self.failure: Failure | None = None
         self.closedIdle: str | None = None
+        self.hungUp: RelayEnd | None = None
         self._linger: IDelayedCall | None = None
         self.splice: SpliceRelay | None = None
         self._idleSeen = -1
@@ -280,6 +283,19 @@ class Relay:
         for end in (self.client, self.upstream):
             if not end.lost and end.transport is not None:
                 end.transport.abortConnection()
+
+    def peerGone(self, end: RelayEnd, reason: Failure) -> None:
+        """
+        C{end}'s peer hung up while C{end} was not being read (see
+        L{tsmux._hangup}): it can take nothing more, so drop it now; the
+        other side gets the usual L{LINGER} to flush what it is owed.
+        """
+        if end.lost or self.finished:
+            return
+        self.hungUp = end
+        if self.failure is None:
+            self.failure = reason
+        end.transport.abortConnection()
 
     def _startSplice(self) -> None:
         """Switch to the kernel path, once; stay in Python where it does not apply."""

@@ -4,8 +4,8 @@ The server side: one listening socket, several protocols.
 L{MuxProtocol} owns a new connection until its first bytes say what it is,
 then hands the transport (and the bytes read so far) to
 L{SOCKS5ServerProtocol}, L{HTTPConnectProtocol}, L{TsmuxAPIProtocol}, or, for
-the LocalAPI, L{LocalAPIPassthrough} (admins) or L{LocalAPIGuard} (everyone
-else); those hand it on to a L{Relay} once the way out is connected.  A
+the LocalAPI, L{LocalAPIPassthrough}, connected to tailscaled as the caller;
+those hand it on to a L{Relay} once the way out is connected.  A
 L{ConnectionRecord} follows the connection through every owner and writes
 its single log line at the end.
 """
@@ -15,30 +15,33 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._auth import Credentials
+from ._auth import Credentials, PasswordThrottle
 from ._detect import SOCKS4_REJECTED, detect
 from ._detect import Protocol as Detected
 from ._dialers import LocalAPIHealth
+from ._dialfilter import DialFilterRelay
 from ._errors import DialRefusedByPolicy, DialTimeout, dialErrorFromFailure, failureReason
-from ._guard import GuardedRelay
+from ._escape import escapeText
 from ._http import buildSimpleResponse
 from ._httpframing import HTTPFramingError, parseRequestHead, splitHead
 from ._interfaces import IDialer, IUpstream
+from ._limits import ConnectionLimits, RefusalBurst
+from ._localapi import LocalAPIAccess
 from ._metrics import Metrics
 from ._peercred import PeerCredentials, peerCredentials
 from ._policy import AccessPolicy
-from ._relay import HeldConnection, Relay, quietConnect, switchProtocol
+from ._relay import HeldConnection, Relay, switchProtocol
 from ._socks5 import (
     Close,
     ConnectRequested,
@@ -97,13 +100,13 @@ class ConnectionRecord:
     def finished(self) -> bool:
         return self.outcome is not None
 
-    def _subject(self) -> str:
-        if self.target is not None:
-            return f"target={self.target}"
-        if self.access == "admin":
-            return "access=admin"
+    def _subject(self, target: str | None) -> str:
+        if target is not None:
+            return f"target={target}"
         if self.requests is not None:
             return f"requests={self.requests} access={self.access}"
+        if self.access is not None:
+            return f"access={self.access}"
         return "-"
 
     def finish(self, outcome: str, detail: str = "") -> None:
@@ -113,14 +116,19 @@ class ConnectionRecord:
         if self.cutAtShutdown and not outcome.startswith("cut-at-shutdown"):
             outcome = f"cut-at-shutdown ({outcome})"
         self.outcome = outcome
-        self.detail = detail
         duration = self._clock.seconds() - self.started
+        # Target, username and detail may carry client bytes: escaped here, once, for
+        # the text line and the structured fields alike.
+        target = escapeText(self.target) if self.target is not None else None
+        username = escapeText(self.username) if self.username is not None else None
+        detail = escapeText(detail)
+        self.detail = detail
         peer = (str(self.peer) if self.peer is not None else "peer=?") + (
-            f" user={self.username!r}" if self.username is not None else ""
+            f" user='{username}'" if username is not None else ""
         )
         # Formatted here, once: Twisted's formatter would parse a long format per connection.
         line = (
-            f"{self.protocol} {peer} {self._subject()} up={self.bytesFromClient} down={self.bytesToClient} "
+            f"{self.protocol} {peer} {self._subject(target)} up={self.bytesFromClient} down={self.bytesToClient} "
             f"{duration:.3f}s {outcome}{': ' if detail else ''}{detail}"
         )
         _connectionLog.info(
@@ -128,7 +136,7 @@ class ConnectionRecord:
             line=line,
             protocol=self.protocol,
             peer=peer,
-            target=self.target,
+            target=target,
             requests=self.requests,
             access=self.access,
             bytesFromClient=self.bytesFromClient,
@@ -139,7 +147,7 @@ class ConnectionRecord:
             pid=self.peer.pid if self.peer else None,
             uid=self.peer.uid if self.peer else None,
             gid=self.peer.gid if self.peer else None,
-            username=self.username,
+            username=username,
         )
         if self._onFinished is not None:
             self._onFinished(self)
@@ -148,7 +156,8 @@ class ConnectionRecord:
 class MuxFactory(Factory):
     """
     Builds a L{MuxProtocol} per accepted connection and holds what they
-    share: the reactor, the dialer, the LocalAPI path and the timeouts.
+    share: the reactor, the dialer, the way to tailscaled's LocalAPI, the
+    limits and the timeouts.
     """
 
     noisy = False
@@ -157,13 +166,12 @@ class MuxFactory(Factory):
         self,
         reactor: IReactorTime,
         dialer: IDialer,
-        localapiPath: str,
+        localapi: LocalAPIAccess,
         detectTimeout: float = 15.0,
-        connectTimeout: float = 10.0,
         health: LocalAPIHealth | None = None,
         handshakeTimeout: float = 30.0,
         policy: AccessPolicy | None = None,
-        maxConnections: int | None = None,
+        limits: ConnectionLimits | None = None,
         idleTimeout: float | None = None,
         halfCloseTimeout: float | None = 300.0,
         credentials: Credentials | None = None,
@@ -171,27 +179,28 @@ class MuxFactory(Factory):
     ) -> None:
         self.reactor = reactor
         self.dialer = dialer
-        self.localapiPath = localapiPath
+        self.localapi = localapi
         self.detectTimeout = detectTimeout
         self.handshakeTimeout = handshakeTimeout
         self.policy = policy if policy is not None else AccessPolicy()
-        self.connectTimeout = connectTimeout
-        self.health = health if health is not None else LocalAPIHealth(localapiPath)
-        self.maxConnections = maxConnections
+        self.health = health if health is not None else LocalAPIHealth(localapi.path)
+        self.limits = limits if limits is not None else ConnectionLimits.unlimited()
         self.idleTimeout = idleTimeout
         self.halfCloseTimeout = halfCloseTimeout
         self.credentials = credentials
+        self.throttle = PasswordThrottle(reactor)
         self.splice = splice
         self.metrics = Metrics()
         self.started = reactor.seconds()
         self.listening: list[str] = []
-        self.statusExtras: dict[str, Any] = {}
         self.openConnections: set[ConnectionRecord] = set()
+        self.openByUid: Counter[int | None] = Counter()
         self.relays: set[Relay] = set()
+        self.refusals = RefusalBurst(reactor)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
-        if self.maxConnections is not None and len(self.openConnections) >= self.maxConnections:
-            return _OverLimit(self)
+        # Who is calling is only known once the transport exists: the per-uid
+        # limits are applied in MuxProtocol.connectionMade.
         return MuxProtocol(self)
 
     def closeIdleRelays(self) -> None:
@@ -200,11 +209,23 @@ class MuxFactory(Factory):
         for relay in list(self.relays):
             relay.idleCheck(now, self.idleTimeout, self.halfCloseTimeout)
 
-    def _opened(self, record: ConnectionRecord) -> None:
+    def admit(self, record: ConnectionRecord) -> str | None:
+        """Count a new connection in, or say why the limits refuse it."""
+        uid = record.peer.uid if record.peer is not None else None
+        refusal = self.limits.refusal(uid, len(self.openConnections), self.openByUid[uid])
+        if refusal is not None:
+            return refusal
         self.openConnections.add(record)
+        self.openByUid[uid] += 1
+        return None
 
     def _closed(self, record: ConnectionRecord) -> None:
-        self.openConnections.discard(record)
+        if record in self.openConnections:
+            self.openConnections.discard(record)
+            uid = record.peer.uid if record.peer is not None else None
+            self.openByUid[uid] -= 1
+            if not self.openByUid[uid]:
+                del self.openByUid[uid]
         self.metrics.connectionEnded(record)
 
 
@@ -232,19 +253,6 @@ class _PhaseTimer:
             self._timer = None
 
 
-class _OverLimit(Protocol):
-    """Closes a connection accepted beyond C{--max-connections}, with a log line."""
-
-    def __init__(self, mux: MuxFactory) -> None:
-        self._mux = mux
-
-    def connectionMade(self) -> None:
-        record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux.metrics.connectionEnded)
-        record.protocol = "undetected"
-        record.finish("refused", f"over --max-connections ({self._mux.maxConnections} open)")
-        self.transport.abortConnection()
-
-
 class MuxProtocol(_PhaseTimer, Protocol):
     """Owns a new connection until its first bytes show its protocol."""
 
@@ -257,10 +265,19 @@ class MuxProtocol(_PhaseTimer, Protocol):
     def connectionMade(self) -> None:
         self.record = ConnectionRecord(self._mux.reactor, peerCredentials(self.transport), self._mux._closed)
         self.record.transport = self.transport
-        self._mux._opened(self.record)
+        refusal = self._mux.admit(self.record)
+        if refusal is not None:
+            # No line per refused connection (a flood would flood the log): one per burst.
+            self._handedOff = True
+            self._mux.refusals.refused(self.record.peer, refusal)
+            self._mux.metrics.limitRefusals += 1
+            self.transport.abortConnection()
+            return
         self._startTimer(self._mux.reactor, self._mux.detectTimeout)
 
     def dataReceived(self, data: bytes) -> None:
+        if self._handedOff:
+            return  # refused at connect; the abort is under way
         self._buffer += data
         verdict = detect(self._buffer)
         if verdict is None:
@@ -282,13 +299,7 @@ class MuxProtocol(_PhaseTimer, Protocol):
             next = TsmuxAPIProtocol(self._mux, self.record)
         elif verdict.protocol is Detected.HTTP:
             self.record.protocol = "localapi"
-            self.record.requests = 0
-            if self._mux.policy.isAdmin(self.record.peer):
-                self.record.access = "admin"
-                next = LocalAPIPassthrough(self._mux, self.record)
-            else:
-                self.record.access = "read"
-                next = LocalAPIGuard(self._mux, self.record)
+            next = LocalAPIPassthrough(self._mux, self.record)
         else:
             self.record.protocol = "rejected"
             if verdict.protocol is Detected.SOCKS4:
@@ -409,6 +420,8 @@ class _WaitingForUpstream(Protocol):
             return "timeout", "no bytes either way for --idle-timeout"
         if relay.closedIdle == "half-closed":
             return "timeout", "one direction ended, then no bytes for --half-close-timeout"
+        if relay.hungUp is relay.client:
+            return "client-closed", "the client hung up while tsmux was not reading it"
         if relay.failure is not None:
             return "error", relay.failure.getErrorMessage()
         return "ok", ""
@@ -439,11 +452,20 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
     """
     RFC 1928 server, CONNECT only, dialed through the mux's L{IDialer}: no
     authentication, or RFC 1929 username/password with C{--socks-auth}.
+
+    The caller's uid is judged first: a caller outside the allow-lists is
+    never asked for a password (only "no authentication" is acceptable to
+    it, and its request gets reply 02), so it cannot use tsmux to test
+    passwords.
     """
 
     def __init__(self, mux: MuxFactory, record: ConnectionRecord) -> None:
         super().__init__(mux, record)
-        methods = (Method.USERNAME_PASSWORD,) if mux.credentials is not None else (Method.NO_AUTH,)
+        self._decision = mux.policy.mayDial(record.peer)
+        if mux.credentials is not None and self._decision.allowed:
+            methods: tuple[int, ...] = (Method.USERNAME_PASSWORD,)
+        else:
+            methods = (Method.NO_AUTH,)
         self._codec = SOCKS5ServerCodec(methods)
         self._handshakeBytes = 0
         self._codecLeftover = 0
@@ -487,8 +509,22 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
                 assert self._mux.credentials is not None
                 ok = self._mux.credentials.check(credentials.username, credentials.password)
                 self.record.username = credentials.username.decode("utf-8", "replace")
-                self._handle(self._codec.acceptCredentials(ok))
+                self._answerCredentials(ok)
                 return
+
+    def _answerCredentials(self, ok: bool) -> None:
+        """Answer now, or after the caller's uid has waited out its wrong guesses."""
+        uid = self.record.peer.uid if self.record.peer is not None else None
+        delay = self._mux.throttle.answered(uid, ok)
+        if delay <= 0:
+            self._handle(self._codec.acceptCredentials(ok))
+            return
+
+        def answer() -> None:
+            if not self._lost:
+                self._handle(self._codec.acceptCredentials(ok))
+
+        self._mux.reactor.callLater(delay, answer)
 
     def _connect(self, event: ConnectRequested) -> None:
         self._stopTimer()
@@ -496,7 +532,7 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"
-        decision = self._mux.policy.mayDial(self.record.peer)
+        decision = self._decision
         if not decision.allowed:
             reply = buildReply(Reply.NOT_ALLOWED)
             self.transport.write(reply)
@@ -509,7 +545,7 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
             # Optimistic data came with the request; the relay counts it.
             self._codecLeftover = len(event.buffered)
             self._hold(event.buffered)
-        self._waitFor(self._mux.dialer.dial(request.host, request.port), isDial=True)
+        self._waitFor(self._mux.dialer.dial(request.host, request.port, self.record.peer), isDial=True)
 
     def _handshakeBytesFromClient(self) -> int:
         return self._handshakeBytes - self._codecLeftover
@@ -541,14 +577,30 @@ class SOCKS5ServerProtocol(_PhaseTimer, _WaitingForUpstream):
 @implementer(IHalfCloseableProtocol)
 class LocalAPIPassthrough(_WaitingForUpstream):
     """
-    HTTP to tailscaled's LocalAPI, byte for byte: a new LocalAPI connection
-    per client connection, nothing parsed or rewritten, so keep-alive,
-    pipelining, chunked bodies, long polls and upgrades all just work.
+    HTTP to tailscaled's LocalAPI, byte for byte, on a LocalAPI connection
+    made as the caller (tailscaled sees the caller's uid, gid and groups and
+    applies its own rules to every request): nothing parsed or rewritten, so
+    keep-alive, pipelining, chunked bodies, long polls and upgrades all just
+    work.  Only for callers whose LocalAPI C{dial} tsmux refuses are request
+    heads framed (L{DialFilterRelay}).
     """
 
+    _dialRefusal: str | None = None
+
     def connectionMade(self) -> None:
-        endpoint = UNIXClientEndpoint(self._mux.reactor, self._mux.localapiPath, timeout=self._mux.connectTimeout)
-        connecting = quietConnect(endpoint, HeldConnection())
+        peer = self.record.peer
+        refusal = self._mux.localapi.refusal(peer)
+        if refusal is not None:
+            self.record.access = "refused"
+            response = buildSimpleResponse(403, "Forbidden", f"tsmux: {refusal}\n")
+            self.transport.write(response)
+            self.record.bytesToClient += len(response)
+            self.record.finish("refused-by-policy status=403", refusal)
+            self.transport.loseConnection()
+            return
+        self._dialRefusal = self._mux.policy.localAPIDialRefusal(peer)
+        self.record.access = "passthrough" if self._dialRefusal is None else "dial-filter"
+        connecting = self._mux.localapi.connect(peer, HeldConnection())
         connecting.addCallback(self._reachable)
         self._waitFor(connecting)
 
@@ -559,36 +611,32 @@ class LocalAPIPassthrough(_WaitingForUpstream):
     def dataReceived(self, data: bytes) -> None:
         self._hold(data)
 
+    def _makeRelay(self) -> Relay:
+        if self._dialRefusal is None:
+            return Relay(self._relayFinished)
+        self._filter = DialFilterRelay(self._dialRefusal, self._relayFinished)
+        return self._filter
+
+    def _relayOutcome(self, relay: Relay) -> tuple[str, str]:
+        if relay is not getattr(self, "_filter", None):
+            return super()._relayOutcome(relay)
+        filtered = self._filter
+        self.record.requests = filtered.requests
+        self.record.bytesToClient += filtered.refusalBytes
+        if filtered.refusal is not None:
+            outcome = "refused-by-policy" if filtered.refusedStatus == 403 else "client-error"
+            return f"{outcome} status={filtered.refusedStatus}", filtered.refusal
+        return super()._relayOutcome(relay)
+
     def _answerFailure(self, failure: Failure) -> None:
         reason = failureReason(failure)
         self._mux.health.failed(reason)
-        body = f"tsmux: tailscaled's LocalAPI at {self._mux.localapiPath} is unreachable: {reason}\n"
+        body = f"tsmux: tailscaled's LocalAPI at {self._mux.localapi.path} is unreachable: {reason}\n"
         response = buildSimpleResponse(502, "Bad Gateway", body)
         self.transport.write(response)
         self.record.bytesToClient += len(response)
         self.record.bytesFromClient = self._pendingSize
         self.record.finish("localapi-unreachable", reason)
-
-
-@implementer(IHalfCloseableProtocol)
-class LocalAPIGuard(LocalAPIPassthrough):
-    """
-    HTTP to tailscaled for callers who are not LocalAPI admins: every request
-    is checked and those needing write are answered 403 (see L{tsmux._guard}).
-    """
-
-    def _makeRelay(self) -> Relay:
-        self._guard = GuardedRelay(self._mux.policy, self.record.peer, self._relayFinished)
-        return self._guard
-
-    def _relayOutcome(self, relay: Relay) -> tuple[str, str]:
-        guard = self._guard
-        self.record.requests = guard.requests
-        self.record.bytesToClient += guard.refusalBytes
-        if guard.refusal is not None:
-            outcome = "refused-by-policy" if guard.refusedStatus == 403 else "client-error"
-            return f"{outcome} status={guard.refusedStatus}", guard.refusal
-        return super()._relayOutcome(relay)
 
 
 def _splitAuthority(authority: str) -> tuple[str, int] | None:
@@ -656,25 +704,24 @@ class HTTPConnectProtocol(_PhaseTimer, _WaitingForUpstream):
             lines, used = split
             head = parseRequestHead(lines)
         except HTTPFramingError as error:
-            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT request: {error}\n", "client-error")
+            why = escapeText(str(error))
+            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT request: {why}\n", "client-error")
             return
         self._headBytes = len(self._buffer)
         rest = self._buffer[used:]
         target = _splitAuthority(head.target)
         if head.method != "CONNECT" or target is None:
-            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT authority {head.target!r}\n", "client-error")
+            authority = escapeText(head.target[:256])
+            self._answer(400, "Bad Request", f"tsmux: malformed CONNECT authority '{authority}'\n", "client-error")
             return
         host, port = target
         self.record.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        if self._mux.credentials is not None and not self._authorized(head.header("Proxy-Authorization")):
-            self._answer(
-                407,
-                "Proxy Authentication Required",
-                "tsmux: this proxy needs a username and password\n",
-                "refused-by-policy",
-                'Proxy-Authenticate: Basic realm="tsmux"\r\n',
-            )
+        authorizations = [value for name, value in head.headers if name.lower() == "proxy-authorization"]
+        if len(authorizations) > 1:
+            # Which one counts would be a guess (and a way to probe): neither does.
+            self._answer(400, "Bad Request", "tsmux: more than one Proxy-Authorization header\n", "client-error")
             return
+        # Who is asking is decided before any password is looked at.
         decision = self._mux.policy.mayDial(self.record.peer)
         if not decision.allowed:
             self._answer(403, "Forbidden", f"tsmux: {decision.reason}\n", "refused-by-policy")
@@ -685,7 +732,33 @@ class HTTPConnectProtocol(_PhaseTimer, _WaitingForUpstream):
         self._buffer = b""
         if rest:
             self._hold(rest)
-        self._waitFor(self._mux.dialer.dial(host, port), isDial=True)
+        if self._mux.credentials is None:
+            self._dial(host, port)
+            return
+        ok = self._authorized(authorizations[0] if authorizations else None)
+        uid = self.record.peer.uid if self.record.peer is not None else None
+        delay = self._mux.throttle.answered(uid, ok)
+        if delay > 0:
+            self._mux.reactor.callLater(delay, self._afterPassword, ok, host, port)
+        else:
+            self._afterPassword(ok, host, port)
+
+    def _afterPassword(self, ok: bool, host: str, port: int) -> None:
+        if self._lost or self.record.finished:
+            return
+        if ok:
+            self._dial(host, port)
+            return
+        self._answer(
+            407,
+            "Proxy Authentication Required",
+            "tsmux: this proxy needs a username and password\n",
+            "refused-by-policy",
+            'Proxy-Authenticate: Basic realm="tsmux"\r\n',
+        )
+
+    def _dial(self, host: str, port: int) -> None:
+        self._waitFor(self._mux.dialer.dial(host, port, self.record.peer), isDial=True)
 
     def _authorized(self, header: str | None) -> bool:
         assert self._mux.credentials is not None
@@ -758,13 +831,14 @@ class TsmuxAPIProtocol(_PhaseTimer, Protocol):
                 return
             head = parseRequestHead(split[0])
         except HTTPFramingError as error:
-            self._answer(400, "Bad Request", "text/plain; charset=utf-8", f"tsmux: {error}\n".encode(), "client-error")
+            body = f"tsmux: {escapeText(str(error))}\n".encode()
+            self._answer(400, "Bad Request", "text/plain; charset=utf-8", body, "client-error")
             return
         self.record.requests = 1
         isAdmin = self._mux.policy.isAdmin(self.record.peer)
-        self.record.access = "admin" if isAdmin else "read"
+        self.record.access = "admin" if isAdmin else "not-admin"
         if not isAdmin:
-            body = b"tsmux: /tsmux/ is for LocalAPI admins (uid 0, tsmux's uid, --admin-uid/--admin-gid, operator)\n"
+            body = b"tsmux: /tsmux/ is for tsmux's admins (uid 0, tsmux's own uid, --admin-uid, --admin-gid)\n"
             self._answer(403, "Forbidden", "text/plain; charset=utf-8", body, "refused-by-policy")
             return
         self._head = head.method == "HEAD"
@@ -790,12 +864,16 @@ class TsmuxAPIProtocol(_PhaseTimer, Protocol):
             "uptimeSeconds": round(mux.reactor.seconds() - mux.started, 3),
             "listening": mux.listening,
             "dialer": mux.dialer.description,
-            "localapi": {"path": mux.localapiPath, "reachable": mux.health.reachable},
+            "localapi": {
+                "path": mux.localapi.path,
+                "reachable": mux.health.reachable,
+                "actsAsCallers": mux.localapi.actAsCallers,
+            },
             "openConnections": len(mux.openConnections),
             "openByProtocol": byProtocol,
+            "openByUid": {str(uid): count for uid, count in mux.openByUid.items()},
+            "limits": mux.limits.asDict(),
             "relays": len(mux.relays),
-            "operatorUid": mux.policy.operatorUid,
-            **mux.statusExtras,
         }
 
     def _answer(self, status: int, reason: str, contentType: str, body: bytes, outcome: str) -> None:

@@ -26,7 +26,9 @@ from twisted.python.failure import Failure
 from ._auth import Credentials, readUpstreamCredentials
 from ._dialers import DEFAULT_DIAL_TIMEOUT, DirectDialer, LocalAPIDialer, LocalAPIHealth, SOCKS5Dialer
 from ._errors import failureReason
+from ._hangup import sweepHungUp
 from ._interfaces import IDialer
+from ._limits import ConnectionLimits, raiseFileLimit
 from ._listen import (
     StartupError,
     defaultBacklog,
@@ -36,7 +38,7 @@ from ._listen import (
     notifySystemd,
     prepareSocketPath,
 )
-from ._localapi import LocalAPIClient, OperatorWatcher
+from ._localapi import LocalAPIAccess
 from ._nc import NcDialer
 from ._policy import AccessPolicy
 from ._relay import quietConnect
@@ -67,10 +69,12 @@ class Config:
     adminGids: frozenset[int] = frozenset()
     group: int | None = None
     maxConnections: int | None = None
+    maxConnectionsPerUid: int | None = None
     idleTimeout: float | None = None
     halfCloseTimeout: float | None = 300.0
     shutdownTimeout: float = 30.0
-    operatorRefresh: float = 60.0
+    operatorRefresh: float | None = None
+    """Obsolete (tailscaled decides operator rights itself now); accepted, warned about, ignored."""
     logFormat: str = "text"
     socksAuth: str | None = None
     splice: bool = True
@@ -129,16 +133,16 @@ class Options(usage.Options):
         "tsmux serves SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket, so that "
         "file permissions and the caller's own uid decide who may use Tailscale's proxy. A "
         "connection whose first byte is 0x05 gets a SOCKS5 server whose CONNECTs leave through "
-        "--dialer; CONNECT requests are dialed the same way; other HTTP goes to tailscaled's "
-        "LocalAPI (--localapi): byte for byte for LocalAPI admins, with writes refused (403) for "
-        "everyone else. Anything else is refused and logged."
+        "--dialer; CONNECT requests are dialed the same way; other HTTP goes byte for byte to "
+        "tailscaled's LocalAPI (--localapi) on a connection tsmux makes as the caller, so tailscaled "
+        "grants each caller exactly its own rights. Anything else is refused and logged."
     )
     optFlags = [
         [
             "no-splice",
             None,
             "Relay in Python instead of with splice(2) in the kernel (the fast path is used when both "
-            "sides are plain sockets, and never for the LocalAPI guard, which parses).",
+            "sides are plain sockets, and never for a LocalAPI connection whose dials are filtered).",
         ],
     ]
     optParameters = [
@@ -200,7 +204,16 @@ class Options(usage.Options):
             "max-connections",
             None,
             None,
-            "Most client connections open at once; more are closed at once, and logged [default: no limit].",
+            "Most client connections open at once, handshakes included; more are closed at accept, "
+            "logged once per burst [default: what the descriptor limit carries, ~1 per 6 descriptors; tsmux "
+            "raises its soft RLIMIT_NOFILE to the hard limit at start]. An eighth is kept for uid 0.",
+            _count,
+        ],
+        [
+            "max-connections-per-uid",
+            None,
+            None,
+            "Most connections one uid may hold at once [default: half of --max-connections].",
             _count,
         ],
         [
@@ -229,8 +242,9 @@ class Options(usage.Options):
         [
             "operator-refresh",
             None,
-            "60",
-            "Seconds between lookups of tailscaled's operator (from its prefs).",
+            None,
+            "Obsolete and ignored: tsmux connects to tailscaled as each caller, and tailscaled applies "
+            "its own operator rules.",
             _seconds,
         ],
         [
@@ -238,7 +252,8 @@ class Options(usage.Options):
             None,
             None,
             "File of user:password lines: SOCKS5 clients must then authenticate (RFC 1929), and HTTP "
-            "CONNECT clients send Proxy-Authorization: Basic; non-admins' LocalAPI dials are then refused. "
+            "CONNECT clients send Proxy-Authorization: Basic; non-admins' LocalAPI dials are then refused "
+            "(they cannot carry a password). Repeated wrong passwords from one uid slow its answers down. "
             "Refused if others may read it or anyone but its owner may write it.",
         ],
         [
@@ -270,7 +285,7 @@ class Options(usage.Options):
             self[name] = set()
 
     def opt_socks_allow_uid(self, user: str) -> None:
-        """Only this user (uid or name) may dial: SOCKS5, HTTP CONNECT, and non-admins' LocalAPI dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may."""  # noqa: E501
+        """Only this user (uid or name) may dial: SOCKS5, HTTP CONNECT and the LocalAPI's dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may. Others are refused before any password is asked."""  # noqa: E501
         self["socks-allow-uid"].add(_uid(user))
 
     def opt_socks_allow_gid(self, group: str) -> None:
@@ -278,11 +293,11 @@ class Options(usage.Options):
         self["socks-allow-gid"].add(_gid(group))
 
     def opt_admin_uid(self, user: str) -> None:
-        """This user (uid or name) gets LocalAPI write access, like uid 0, tsmux's own uid and tailscaled's operator; may repeat. Everyone else gets read access only."""  # noqa: E501
+        """This user (uid or name) is one of tsmux's admins, like uid 0 and tsmux's own uid: it may use tsmux's /tsmux/ API (status, metrics) and, with --socks-auth, the LocalAPI's dial. LocalAPI rights are tailscaled's to give, not tsmux's; may repeat."""  # noqa: E501
         self["admin-uid"].add(_uid(user))
 
     def opt_admin_gid(self, group: str) -> None:
-        """Members of this group (gid or name) get LocalAPI write access; may repeat."""
+        """Members of this group (gid or name) are tsmux's admins; may repeat."""
         self["admin-gid"].add(_gid(group))
 
     def opt_listen(self, address: str) -> None:
@@ -308,7 +323,6 @@ class Options(usage.Options):
             ("dial-timeout", _seconds),
             ("shutdown-timeout", _seconds),
             ("half-close-timeout", _seconds),
-            ("operator-refresh", _seconds),
         )
         for name, coerce in coercions:
             if isinstance(self[name], str):
@@ -348,6 +362,7 @@ class Options(usage.Options):
             adminGids=frozenset(self["admin-gid"]),
             group=self["group"],
             maxConnections=self["max-connections"],
+            maxConnectionsPerUid=self["max-connections-per-uid"],
             idleTimeout=self["idle-timeout"],
             halfCloseTimeout=self["half-close-timeout"],
             shutdownTimeout=self["shutdown-timeout"],
@@ -376,7 +391,8 @@ class TsmuxService(service.Service):
         self.config = config
         self.reactor = reactor
         self.health = LocalAPIHealth(config.localapi, socksUsesIt=config.dialer == "localapi")
-        self.dialer = makeDialer(config, reactor, self.health)
+        self.access = LocalAPIAccess(reactor, config.localapi, config.dialTimeout)
+        self.dialer = makeDialer(config, reactor, self.health, self.access)
         self.policy = AccessPolicy(
             socksAllowUids=config.socksAllowUids,
             socksAllowGids=config.socksAllowGids,
@@ -387,22 +403,18 @@ class TsmuxService(service.Service):
         self.factory = MuxFactory(
             reactor,
             self.dialer,
-            config.localapi,
+            self.access,
             detectTimeout=config.detectTimeout,
             handshakeTimeout=config.handshakeTimeout,
-            connectTimeout=config.dialTimeout,
             health=self.health,
             policy=self.policy,
-            maxConnections=config.maxConnections,
             idleTimeout=config.idleTimeout,
             halfCloseTimeout=config.halfCloseTimeout,
             credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
             splice=config.splice,
         )
         self.factory.listening = list(config.listen)
-        self.localapi = LocalAPIClient(reactor, config.localapi, timeout=config.dialTimeout)
-        self.operator = OperatorWatcher(reactor, self.localapi, self.policy, config.operatorRefresh)
-        self._idleSweep: LoopingCall | None = None
+        self._sweep: LoopingCall | None = None
         self._cutNow = False
         self.ports: list[IListeningPort] = []
 
@@ -415,6 +427,10 @@ class TsmuxService(service.Service):
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         config = self.config
+        self._fileLimits = raiseFileLimit()
+        self.factory.limits = ConnectionLimits.derive(
+            self._fileLimits[1], config.maxConnections, config.maxConnectionsPerUid
+        )
         try:
             for address in config.listen:
                 if address.startswith("/"):
@@ -442,15 +458,44 @@ class TsmuxService(service.Service):
             dialer=self.dialer.description,
             localapi=self.config.localapi,
         )
+        limits = self.factory.limits
+        before, after = self._fileLimits
+        self.log.info(
+            "connection limits: {total} in all ({reserve} kept for root), {perUid} per uid; descriptor limit "
+            "{after}{raised}",
+            total=limits.total,
+            reserve=limits.rootReserve,
+            perUid=limits.perUid,
+            after=after,
+            raised=f" (raised from {before})" if after != before else "",
+        )
+        if self.config.maxConnections is not None and limits.total < self.config.maxConnections:
+            self.log.warn(
+                "--max-connections {asked} lowered to {total}: the descriptor limit ({after}) carries no more",
+                asked=self.config.maxConnections,
+                total=limits.total,
+                after=after,
+            )
+        if self.config.operatorRefresh is not None:
+            self.log.warn(
+                "--operator-refresh is obsolete and ignored: tsmux connects to tailscaled as each caller, "
+                "and tailscaled applies its own operator rules"
+            )
+        # Decided now, not at import: twistd may have dropped root since.
+        self.access.decide()
         self.probeLocalAPI()
-        self.operator.start()
         notifySystemd(f"READY=1\nSTATUS=listening on {', '.join(self.config.listen)}")
         timeouts = [t for t in (self.config.idleTimeout, self.config.halfCloseTimeout) if t is not None]
-        if timeouts:
-            self._idleSweep = LoopingCall(self.factory.closeIdleRelays)
-            self._idleSweep.clock = self.reactor
-            # A relay is closed between the timeout and a quarter (at most 1 s) after it.
-            self._idleSweep.start(min(1.0, min(timeouts) / 4), now=False)
+        self._sweep = LoopingCall(self.sweep)
+        self._sweep.clock = self.reactor
+        # Relays are closed between their timeout and a quarter (at most 1 s) after it; a
+        # peer that hung up while not being read is noticed within a second.
+        self._sweep.start(min([1.0] + [t / 4 for t in timeouts]), now=False)
+
+    def sweep(self) -> None:
+        """Periodic: idle and half-close timeouts, and peers that left while tsmux was not reading them."""
+        self.factory.closeIdleRelays()
+        sweepHungUp(self.reactor, self.factory.relays)
 
     def probeLocalAPI(self) -> defer.Deferred[None]:
         """Say once, at start, whether tailscaled's LocalAPI answers."""
@@ -480,10 +525,9 @@ class TsmuxService(service.Service):
         notifySystemd("STOPPING=1")
         ports, self.ports = self.ports, []
         await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
-        self.operator.stop()
-        if self._idleSweep is not None and self._idleSweep.running:
-            self._idleSweep.stop()
-        await self.localapi.close()
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
+        self.factory.refusals.stop()
         closeDialer = getattr(self.dialer, "close", None)
         if closeDialer is not None:
             await closeDialer()
@@ -511,10 +555,9 @@ class TsmuxService(service.Service):
                 record.finish("cut-at-shutdown", "still open when tsmux stopped")
 
 
-def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
-    direct = DirectDialer(reactor, config.dialTimeout)
+def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth, access: LocalAPIAccess) -> IDialer:
     if config.dialer == "direct":
-        return direct
+        return DirectDialer(reactor, config.dialTimeout)
     if config.dialer.startswith("socks5:"):
         description = config.dialer[len("socks5:") :]
         try:
@@ -528,13 +571,12 @@ def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth) -> IDialer:
         found = shutil.which(cli)
         if found is None:
             raise StartupError(f"--dialer {config.dialer}: {cli} is not an executable (nor on PATH)")
-        return NcDialer(reactor, found, config.localapi, timeout=config.dialTimeout)
+        return NcDialer(reactor, found, config.localapi, timeout=config.dialTimeout, access=access)
     return LocalAPIDialer(
         reactor,
-        config.localapi,
+        access,
         dialSelf=config.dialSelf,  # type: ignore[arg-type]
         timeout=config.dialTimeout,
-        selfDialer=direct,
         health=health,
     )
 

@@ -1,14 +1,19 @@
 """
-The LocalAPI write guard: HTTP to tailscaled for callers who are not
-LocalAPI admins, with tailscaled's read rights only.
+The LocalAPI dial filter: HTTP to tailscaled for the callers whose LocalAPI
+C{dial} tsmux must refuse (outside the SOCKS allow-lists, or any non-admin
+when C{--socks-auth} is set).  Every other LocalAPI connection is the
+untouched passthrough, and tailscaled decides every request's rights itself
+from the caller's own credentials: this filter only closes the one way
+around tsmux's own dial rules.
 
 It is a L{Relay} whose client-to-tailscaled direction goes through a
 L{RequestFramer}: every request head on the connection (keep-alive and
-pipelining included) is checked before its bytes go on, unchanged.  A
-request that needs write is not forwarded: once tailscaled has answered the
-requests before it (counted by a L{ResponseFramer}, so answers stay in
-order) the client gets C{403} with the rule, and the connection closes.
-tailscaled-to-client bytes are never changed.
+pipelining included) is looked at before its bytes go on, unchanged.  A
+C{dial} (the path as Go decodes it, so C{/localapi/v0/%64ial} counts) is not
+forwarded: once tailscaled has answered the requests before it (counted by a
+L{ResponseFramer}, so answers stay in order) the client gets C{403} with the
+reason, and the connection closes; nothing the client sent after it reaches
+tailscaled.  tailscaled-to-client bytes are never changed.
 """
 
 from __future__ import annotations
@@ -17,18 +22,17 @@ from collections.abc import Callable
 
 from twisted.python.failure import Failure
 
+from ._escape import escapeText
 from ._http import buildSimpleResponse
-from ._httpframing import Body, Head, HTTPFramingError, RequestFramer, ResponseFramer
-from ._peercred import PeerCredentials
-from ._policy import AccessPolicy
+from ._httpframing import Body, Head, HTTPFramingError, RequestFramer, RequestHead, ResponseFramer
 from ._relay import Relay, RelayEnd, closeTransport
 
 HELD_LIMIT = 64 * 1024
 """Client bytes held while an upgrade is pending; past this, stop reading the client."""
 
 
-class _GuardedClientEnd(RelayEnd):
-    relay: GuardedRelay
+class _FramedClientEnd(RelayEnd):
+    relay: DialFilterRelay
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
@@ -36,31 +40,25 @@ class _GuardedClientEnd(RelayEnd):
 
 
 class _CountingUpstreamEnd(RelayEnd):
-    relay: GuardedRelay
+    relay: DialFilterRelay
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
         self.relay._fromUpstream(data)
 
 
-class GuardedRelay(Relay):
+class DialFilterRelay(Relay):
     """
     @ivar requests: requests forwarded to tailscaled.
     @ivar refusal: why the connection was refused (a 403 or 400), if it was.
     """
 
-    clientEndClass = _GuardedClientEnd
+    clientEndClass = _FramedClientEnd
     upstreamEndClass = _CountingUpstreamEnd
 
-    def __init__(
-        self,
-        policy: AccessPolicy,
-        peer: PeerCredentials | None,
-        onFinished: Callable[[Relay, Failure], None] | None = None,
-    ) -> None:
+    def __init__(self, refusal: str, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
         super().__init__(onFinished)
-        self._policy = policy
-        self._peer = peer
+        self._dialRefusal = refusal
         self._requests = RequestFramer()
         self._responses = ResponseFramer()
         self._outstanding = 0
@@ -72,6 +70,7 @@ class GuardedRelay(Relay):
         self.refusal: str | None = None
         self.refusedStatus: int | None = None
         self.refusalBytes = 0
+        self.dialTarget: str | None = None
 
     # client → tailscaled
 
@@ -88,7 +87,8 @@ class GuardedRelay(Relay):
         try:
             events = parse(*args)
         except HTTPFramingError as error:
-            self._refuse(400, "Bad Request", f"tsmux: malformed HTTP request: {error}\n", str(error))
+            why = escapeText(str(error))
+            self._refuse(400, "Bad Request", f"tsmux: malformed HTTP request: {why}\n", why)
             return
         self._forward(events)
         # While an upgrade waits for tailscaled's answer, client bytes are held: bound them.
@@ -101,12 +101,17 @@ class GuardedRelay(Relay):
             if isinstance(event, Head):
                 head = event.head
                 if not head.originForm:
-                    why = f"request target {head.target[:80]!r} is not a path (origin form)"
+                    # LocalAPI clients send paths; anything else is refused rather than
+                    # second-guessing how Go would route it.
+                    why = f"request target {escapeText(head.target[:80])} is not a path (origin form)"
                     self._refuse(400, "Bad Request", f"tsmux: {why}\n", why)
                     return
-                decision = self._policy.decideLocalAPI(self._peer, head.method, head.path, head.query)
-                if not decision.allowed:
-                    self._refuse(403, "Forbidden", f"tsmux: {decision.reason}\n", decision.reason)
+                if _isDial(head):
+                    target = f"{head.header('Dial-Host') or '?'}:{head.header('Dial-Port') or '?'}"
+                    # Header values are kept as latin-1 text: back to the bytes sent, then escaped.
+                    self.dialTarget = escapeText(target.encode("latin-1", "replace"))
+                    why = f"LocalAPI dial to {self.dialTarget} refused: {self._dialRefusal}"
+                    self._refuse(403, "Forbidden", f"tsmux: {why}\n", why)
                     return
                 self._responses.expect(head.method == "HEAD")
                 self._outstanding += 1
@@ -147,13 +152,13 @@ class GuardedRelay(Relay):
         self.client.transport.write(data)
         if self._raw or self._unframeable:
             return
-        if self._responses.upgraded:
+        if self._responses.upgraded and self.refusal is None:
             self._raw = True
             rest = self._requests.takeBuffered()
             if rest:
                 self.upstream.transport.write(rest)
             self._resumeClient()
-        elif self._requests.stopped and self._outstanding == 0:
+        elif self._requests.stopped and self._outstanding == 0 and self.refusal is None:
             # The upgrade was answered without 101: what the client sent next is HTTP.
             self._frame(self._requests.resume)
             if not self._requests.stopped:
@@ -170,3 +175,14 @@ class GuardedRelay(Relay):
             # tailscaled is gone: no more answers will come, refuse now.
             self._answerIfDue(upstreamGone=True)
         super()._endLost(end, reason)
+
+
+DIAL_PATH = "/localapi/v0/dial"
+
+
+def _isDial(head: RequestHead) -> bool:
+    """A request tailscaled would route to its dial handler (C{r.URL.Path}, decoded)."""
+    try:
+        return head.path == DIAL_PATH
+    except UnicodeDecodeError:
+        return True  # Go would not decode it either; refuse rather than guess
