@@ -13,9 +13,12 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from tsmux import _nc
+from tsmux._localapi import LocalAPIAccess
 from tsmux._nc import NcDialer
+from tsmux._peercred import PeerCredentials
 from tsmux._socks5 import Reply
 
+from ._otheruser import NOBODY, requireOtherUser
 from ._realsockets import (
     Echo,
     listenTCP,
@@ -185,3 +188,67 @@ class NcAgainstTailscaledTests(TestCase):
         self.assertEqual(reply, Reply.NETWORK_UNREACHABLE)
         tsmux.stop()
         self.assertIn("tailscaled is NeedsLogin; not spawning", tsmux.log())
+
+
+FAKE_NC_IDS = """#!{python}
+# Stands in for `tailscale --socket PATH nc HOST PORT`: says who it runs as and
+# whether it can reach the LocalAPI socket it was given, then ends.
+import os, socket, sys
+socketPath = sys.argv[2]
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(socketPath)
+    reached = "reached"
+except OSError as error:
+    reached = "unreachable " + error.strerror
+with open(os.environ["FAKE_NC_MARKER"], "a") as marker:
+    marker.write(repr((os.getresuid(), os.getresgid(), sorted(os.getgroups()), socketPath, reached)) + "\\n")
+print("up", flush=True)
+"""
+
+
+class NcAsCallerTests(TestCase):
+    """The child runs as the caller, and reaches a LocalAPI socket in a directory only root may enter."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        requireOtherUser()
+        # The system's Python: the child execs it with the caller's own rights, and a
+        # Python under /root (pyenv) is out of uid 65534's reach.
+        python = "/usr/bin/python3"
+        if not os.path.exists(python):
+            self.skipTest(f"{python} is missing")
+        directory = shortTempDir(self)
+        os.chmod(directory, 0o755)
+        self.marker = os.path.join(directory, "ran")
+        open(self.marker, "w").close()
+        os.chmod(self.marker, 0o666)
+        self.cli = os.path.join(directory, "tailscale")
+        with open(self.cli, "w") as f:
+            f.write(FAKE_NC_IDS.format(python=python))
+        os.chmod(self.cli, 0o755)
+        os.environ["FAKE_NC_MARKER"] = self.marker
+        self.addCleanup(os.environ.pop, "FAKE_NC_MARKER", None)
+        private = os.path.join(directory, "private")
+        os.mkdir(private, 0o700)
+        self.localapi = os.path.join(private, "localapi.sock")
+        site = server.Site(FakeStatus())
+        site.noisy = False
+        port = reactor.listenUNIX(self.localapi, site, mode=0o666)
+        self.addCleanup(port.stopListening)
+        access = LocalAPIAccess(reactor, self.localapi, 10)
+        access.decide()
+        self.dialer = NcDialer(reactor, self.cli, self.localapi, timeout=10, grace=5, access=access)
+        self.addCleanup(self.dialer._client.close)
+
+    async def test_childRunsAsTheCaller(self) -> None:
+        caller = PeerCredentials(1, NOBODY, NOBODY, frozenset({NOBODY, 4242}))
+        upstream = await self.dialer.dial("127.0.0.1", 9, caller)
+        upstream.abort()
+        with open(self.marker) as f:
+            (line,) = f.read().splitlines()
+        ids, gids, groups, socketPath, reached = eval(line)  # written by the fake just above
+        self.assertEqual((ids, gids, groups), ((NOBODY,) * 3, (NOBODY,) * 3, [4242, NOBODY]))
+        self.assertEqual(socketPath, "/proc/self/fd/3")
+        self.assertEqual(reached, "reached")

@@ -318,13 +318,16 @@ def canActAsOthers() -> str | None:
         effective = _capabilitySets().get("CapEff", 0)
     except OSError as failure:
         return f"cannot read this process's capabilities from /proc: {failure.strerror}"
+    if os.geteuid() != 0:
+        # With CAP_SETUID/CAP_SETGID alone the way back would cost them: acting as a root
+        # caller and returning to a non-zero euid clears the capabilities (capabilities(7)),
+        # and a child could keep ambient ones.  So tsmux acts as its callers only as root.
+        return "not running as root"
     missing = [
         name for bit, name in ((_CAP_SETUID, "CAP_SETUID"), (_CAP_SETGID, "CAP_SETGID")) if not effective >> bit & 1
     ]
     if not missing:
         return None
-    if os.geteuid() != 0:
-        return f"not root and no {'/'.join(missing)}"
     return f"root, but without {'/'.join(missing)} in the effective capability set"
 
 

@@ -42,7 +42,7 @@ class Metrics:
         self.connections[(protocol, outcome)] += 1
         self.bytesFromClients[protocol] += record.bytesFromClient
         self.bytesToClients[protocol] += record.bytesToClient
-        if outcome in ("refused-by-policy", "refused"):
+        if outcome == "refused-by-policy":
             self.policyRefusals[protocol] += 1
 
     def dialEnded(self, seconds: float, errorKind: str | None) -> None:
@@ -79,7 +79,8 @@ class Metrics:
         for protocol, count in sorted(self.bytesToClients.items()):
             lines.append(f'tsmux_client_bytes_sent_total{{protocol="{_escape(protocol)}"}} {count}')
         lines += [
-            "# HELP tsmux_policy_refusals_total Connections refused by policy or limits.",
+            "# HELP tsmux_policy_refusals_total Connections refused by tsmux's rules (allow-lists, passwords, "
+            "LocalAPI dial filter, /tsmux/ for admins only).",
             "# TYPE tsmux_policy_refusals_total counter",
         ]
         for protocol, count in sorted(self.policyRefusals.items()):

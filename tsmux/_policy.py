@@ -88,9 +88,11 @@ class AccessPolicy:
         """
         Why this caller's LocalAPI C{dial} requests must be refused, or
         C{None}.  Only such callers' LocalAPI connections are framed at all;
-        everyone else gets the untouched passthrough.
+        everyone else, tsmux's admins always, gets the untouched passthrough.
         """
-        if self.dialNeedsPassword and not self.isAdmin(peer):
+        if self.isAdmin(peer):
+            return None  # tsmux's admins: the untouched passthrough, as before
+        if self.dialNeedsPassword:
             return "--socks-auth is set: dial through SOCKS5 or HTTP CONNECT with a password"
         decision = self.mayDial(peer)
         return None if decision.allowed else decision.reason

@@ -176,15 +176,17 @@ class Options(usage.Options):
             None,
             "refuse",
             "When tailscaled (>= 1.98) answers a dial with Dial-Self (the "
-            "target is not on the tailnet): 'refuse' (SOCKS5 reply 02) or 'direct' (dial it from this "
-            "host, as tsmux's user).",
+            "target is not on the tailnet): 'refuse' (SOCKS5 reply 02) or 'direct' (dial the address "
+            "tailscaled gives from this host, on a socket created with the caller's ids, so owner-match "
+            "firewall rules see the caller).",
         ],
         ["detect-timeout", None, "15", "Seconds a new connection has to show its protocol.", _seconds],
         [
             "handshake-timeout",
             None,
             "30",
-            "Seconds a SOCKS5 client has for method negotiation and its request.",
+            "Seconds a client has, once its protocol is known, for its SOCKS5 negotiation and request, "
+            "its CONNECT request, or its /tsmux/ request.",
             _seconds,
         ],
         [
