@@ -149,10 +149,13 @@ def _isOwn(identity: Identity, own: _OwnIds) -> bool:
     return identity.uid == own.uids[1] and identity.gid == own.gids[1] and identity.groups == own.groups
 
 
-def _requireNumbers() -> _Numbers:
+def _requireSwitching(own: _OwnIds) -> _Numbers:
+    """The syscall numbers, if this thread may switch at all (see L{canActAsOthers} for why only as root)."""
     numbers = _syscallNumbers()
     if numbers is None:
         raise CannotActAs(errno.ENOSYS, f"acting as another user is unsupported on machine {platform.machine()!r}")
+    if own.uids[1] != 0:
+        raise CannotActAs(errno.EPERM, "acting as another user needs an effective uid of 0")
     return numbers
 
 
@@ -243,7 +246,7 @@ def actingAs(identity: Identity | None, *, ownFilesystemIds: bool = True) -> Ite
     if _isOwn(identity, own):
         yield
         return
-    numbers = _requireNumbers()
+    numbers = _requireSwitching(own)
     switched = False
     try:
         try:
@@ -276,7 +279,7 @@ def _becomingForExec(identity: Identity) -> Iterator[None]:
     ones, so the child ends with nothing of ours.
     """
     own = _ownIds()
-    numbers = _requireNumbers()
+    numbers = _requireSwitching(own)
     switched = False
     try:
         try:
@@ -322,7 +325,7 @@ def canActAsOthers() -> str | None:
         # With CAP_SETUID/CAP_SETGID alone the way back would cost them: acting as a root
         # caller and returning to a non-zero euid clears the capabilities (capabilities(7)),
         # and a child could keep ambient ones.  So tsmux acts as its callers only as root.
-        return "not running as root"
+        return "not root"
     missing = [
         name for bit, name in ((_CAP_SETUID, "CAP_SETUID"), (_CAP_SETGID, "CAP_SETGID")) if not effective >> bit & 1
     ]
