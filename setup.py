@@ -1,13 +1,17 @@
 """tsmux: SOCKS5 and tailscaled's LocalAPI on one Unix socket."""
 
+import re
+
 from setuptools import find_packages, setup
 
 with open("README.md", encoding="utf-8") as readme:
     longDescription = readme.read()
+with open("tsmux/_version.py", encoding="utf-8") as versionFile:
+    version = re.search(r'__version__ = "([^"]+)"', versionFile.read()).group(1)  # type: ignore[union-attr]
 
 setup(
     name="tsmux",
-    version="0.1.0",
+    version=version,
     description="SOCKS5 and tailscaled's LocalAPI on one Unix socket",
     long_description=longDescription,
     long_description_content_type="text/markdown",

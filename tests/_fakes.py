@@ -6,11 +6,16 @@ import socket
 import struct
 
 from twisted.internet import defer
-from twisted.internet.testing import StringTransport
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tsmux._interfaces import IDialer, IUpstream
+from tsmux._mux import MuxFactory, MuxProtocol
 from tsmux._relay import HeldConnection
+from tsmux._socks5 import Reply, buildReply
 
 
 class HalfCloseStringTransport(StringTransport):
@@ -121,3 +126,41 @@ class EndpointLocalAPIAccess(FakeLocalAPIAccess):
 
         self.peers.append(peer)
         return quietConnect(UNIXClientEndpoint(self._reactor, self.path, timeout=10), protocol)
+
+
+def makeContext(reactor: object, dialer: object, localapi: object, credentials: object = None, **settings: object):
+    """A L{ConnectionContext} for tests: C{settings} are L{Config} fields."""
+    from tsmux._config import Config
+    from tsmux._context import ConnectionContext
+
+    return ConnectionContext(reactor, Config(**settings), dialer, localapi, credentials=credentials)  # type: ignore[arg-type]
+
+
+GREETING = b"\x05\x01\x00"
+DONE = Failure(ConnectionDone())
+# StringTransport's getHost(): the SOCKS5 success reply carries the upstream's local address.
+SUCCESS = buildReply(Reply.SUCCEEDED, "10.0.0.1", 12345)
+
+
+class MuxTestMixin:
+    """A mux on a fake transport, with its log lines captured."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.dialer = FakeDialer()
+        self.localapi = FakeLocalAPIAccess()
+        self.context = makeContext(self.reactor, self.dialer, self.localapi, detectTimeout=15)
+        self.factory = MuxFactory(self.context)
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def connect(self) -> tuple[MuxProtocol, HalfCloseStringTransport]:
+        protocol = self.factory.buildProtocol(None)
+        transport = HalfCloseStringTransport()
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def connectionLines(self) -> list[dict]:
+        return [e for e in self.events if e.get("log_namespace") == "tsmux.connection"]

@@ -15,11 +15,13 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
+from tests._fakes import makeContext
+from tsmux._context import ConnectionContext
 from tsmux._dialers import DirectDialer
 from tsmux._listen import defaultBacklog, listenOnPath
 from tsmux._localapi import LocalAPIAccess
+from tsmux._mux import MuxFactory
 from tsmux._relay import RelayEnd
-from tsmux._server import MuxFactory
 from tsmux._socks5 import buildRequest, parseReply
 
 reactor = globalReactor
@@ -33,16 +35,18 @@ def shortTempDir(testCase: TestCase) -> str:
 
 
 def startMux(
-    testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", **kw
-) -> tuple[str, MuxFactory]:
-    """A mux with the direct dialer (by default) listening on a fresh Unix socket."""
+    testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", credentials=None, **settings
+) -> tuple[str, ConnectionContext]:
+    """A mux with the direct dialer (by default) listening on a fresh Unix socket; C{settings} are Config fields."""
     path = os.path.join(shortTempDir(testCase), "tsmux.sock")
     access = LocalAPIAccess(reactor, localapi, timeout=5)
-    factory = MuxFactory(reactor, dialer or DirectDialer(reactor, timeout=5), access, **kw)
-    port = listenOnPath(reactor, path, factory, 0o600, defaultBacklog())
+    context = makeContext(reactor, dialer or DirectDialer(reactor, timeout=5), access, credentials, **settings)
+    port = listenOnPath(reactor, path, MuxFactory(context), 0o600, defaultBacklog())
     testCase.addCleanup(port.stopListening)
-    testCase.addCleanup(waitUntilClosed, factory)
-    return path, factory
+    sweeping = context.startSweeping()
+    testCase.addCleanup(sweeping.stop)
+    testCase.addCleanup(waitUntilClosed, context)
+    return path, context
 
 
 async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> None:
@@ -54,12 +58,12 @@ async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> 
         await task.deferLater(reactor, 0.02, lambda: None)
 
 
-def waitUntilClosed(factory: MuxFactory, timeout: float = 10.0) -> defer.Deferred[None]:
+def waitUntilClosed(context: ConnectionContext, timeout: float = 10.0) -> defer.Deferred[None]:
     """Let the connections a test made finish closing, so the reactor is clean after it."""
 
     async def poll() -> None:
         deadline = time.monotonic() + timeout
-        while factory.openConnections or any(
+        while context.openConnections or any(
             isinstance(getattr(s, "protocol", None), RelayEnd) for s in reactor.getReaders() + reactor.getWriters()
         ):
             if time.monotonic() > deadline:
@@ -91,6 +95,28 @@ class Source(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(pattern(self.size))
         self.transport.loseConnection()
+
+
+class Sink(Protocol):
+    """
+    A target that never reads: its kernel buffers fill, then tsmux cannot
+    flush to it.  Kept referenced (L{dropAll} in a cleanup): a paused
+    transport is held by nothing in the reactor, and a collected one would
+    close the target's side mid-test.
+    """
+
+    held: list[Sink] = []
+
+    def connectionMade(self) -> None:
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.transport.pauseProducing()
+        self.held.append(self)
+
+    @classmethod
+    def dropAll(cls) -> None:
+        for sink in cls.held:
+            sink.transport.abortConnection()
+        cls.held.clear()
 
 
 def pattern(size: int) -> bytes:
@@ -154,13 +180,13 @@ def openFds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def relayBufferedBytes(factory: MuxFactory | None = None) -> int:
+def relayBufferedBytes(context: ConnectionContext | None = None) -> int:
     """
     Bytes tsmux holds for relays in this process: Twisted's write buffers and,
     for spliced relays, what sits in their pipes.
     """
     total = 0
-    for relay in factory.relays if factory is not None else ():
+    for relay in context.relays if context is not None else ():
         if relay.splice is not None:
             for direction in (relay.splice._toUpstream, relay.splice._toClient):
                 total += direction.inPipe + len(direction.prefix)

@@ -15,11 +15,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from tsmux._auth import Credentials, PasswordThrottle
 from tsmux._escape import escapeText
 from tsmux._limits import ConnectionLimits, connectionsForDescriptors
+from tsmux._mux import MuxFactory
 from tsmux._policy import AccessPolicy
-from tsmux._server import MuxFactory
 from tsmux._socks5 import Reply, buildReply, buildRequest, buildUsernamePassword
 
-from ._fakes import CallerTransport, FakeDialer, FakeLocalAPIAccess
+from ._fakes import CallerTransport, FakeDialer, FakeLocalAPIAccess, makeContext
 
 ROOT, NOBODY, ALICE = 0, 65534, 1000
 GREETING_BOTH = b"\x05\x02\x00\x02"
@@ -32,7 +32,8 @@ class CallerMuxMixin:
         self.reactor = MemoryReactorClock()
         self.dialer = FakeDialer()
         self.localapi = FakeLocalAPIAccess()
-        self.factory = MuxFactory(self.reactor, self.dialer, self.localapi)
+        self.context = makeContext(self.reactor, self.dialer, self.localapi)
+        self.factory = MuxFactory(self.context)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -55,8 +56,8 @@ class RefusedFirstTests(CallerMuxMixin, SynchronousTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        self.factory.policy = AccessPolicy(socksAllowUids=frozenset({ROOT}))
-        self.factory.credentials = Credentials(((b"alice", b"s3cret"),))
+        self.context.policy = AccessPolicy(socksAllowUids=frozenset({ROOT}))
+        self.context.credentials = Credentials(((b"alice", b"s3cret"),))
 
     def test_socks5OnlyPasswordOfferedGetsFF(self) -> None:
         transport = self.connect(NOBODY, GREETING_PASSWORD)
@@ -111,7 +112,7 @@ class RefusedFirstTests(CallerMuxMixin, SynchronousTestCase):
 class ThrottleTests(CallerMuxMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.factory.credentials = Credentials(((b"alice", b"s3cret"),))
+        self.context.credentials = Credentials(((b"alice", b"s3cret"),))
 
     def wrong(self, uid: int) -> CallerTransport:
         return self.connect(uid, GREETING_PASSWORD + buildUsernamePassword(b"alice", b"guess"))
@@ -168,7 +169,7 @@ class ThrottleTests(CallerMuxMixin, SynchronousTestCase):
 
 class LimitTests(CallerMuxMixin, SynchronousTestCase):
     def test_perUidLimitCountsHandshakes(self) -> None:
-        self.factory.limits = ConnectionLimits(total=10, perUid=2, rootReserve=2)
+        self.context.limits = ConnectionLimits(total=10, perUid=2, rootReserve=2)
         first = self.connect(NOBODY, b"\x05")
         self.connect(NOBODY, b"\x05")
         self.assertTrue(self.connect(NOBODY).disconnected)
@@ -177,7 +178,7 @@ class LimitTests(CallerMuxMixin, SynchronousTestCase):
         self.assertFalse(self.connect(NOBODY).disconnected)
 
     def test_rootReserve(self) -> None:
-        self.factory.limits = ConnectionLimits(total=4, perUid=4, rootReserve=1)
+        self.context.limits = ConnectionLimits(total=4, perUid=4, rootReserve=1)
         for _ in range(3):
             self.assertFalse(self.connect(NOBODY).disconnected)
         self.assertTrue(self.connect(ALICE).disconnected)
@@ -208,7 +209,7 @@ class LocalAPICallerTests(CallerMuxMixin, SynchronousTestCase):
         self.assertEqual(self.localapi.connects, [])
 
     def test_tsmuxAPIIsForTsmuxAdminsOnly(self) -> None:
-        self.factory.policy = AccessPolicy(adminUids=frozenset({ALICE}), ownUid=4242)
+        self.context.policy = AccessPolicy(adminUids=frozenset({ALICE}), ownUid=4242)
         request = b"GET /tsmux/v0/status HTTP/1.1\r\n\r\n"
         self.assertIn(b"403 Forbidden", self.connect(NOBODY, request).value())
         self.assertIn(b"200 OK", self.connect(ALICE, request).value())
@@ -228,7 +229,7 @@ class EscapingTests(CallerMuxMixin, SynchronousTestCase):
         self.assertEqual(line["target"], "evil\\n2026 forged line\\r\\x1b[31m:80")
 
     def test_usernameEscaped(self) -> None:
-        self.factory.credentials = Credentials(((b"alice", b"s3cret"),))
+        self.context.credentials = Credentials(((b"alice", b"s3cret"),))
         transport = self.connect(ALICE, GREETING_PASSWORD + buildUsernamePassword(b"a\nb", b"x"))
         transport.protocol.connectionLost(None)
         self.assertIn("user='a\\nb'", self.lines()[0]["line"])

@@ -11,8 +11,8 @@ import time
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from tsmux._config import Options
 from tsmux._listen import StartupError, listenOnDescription, listenOnPath, withBacklog
-from tsmux._service import Options
 
 from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, tsmuxCommand, twistdCommand
 
@@ -36,7 +36,7 @@ class OptionTests(SynchronousTestCase):
         config = options.toConfig()
         self.assertEqual(config.listen, ("/var/run/tailscale/tsmux.sock",))
         self.assertEqual(config.localapi, "/var/run/tailscale/tailscaled.sock")
-        self.assertEqual((config.mode, config.dialer, config.dialSelf), (0o660, "localapi", "refuse"))
+        self.assertEqual((config.mode, str(config.dialer), config.dialSelf), (0o660, "localapi", "refuse"))
         self.assertEqual((config.detectTimeout, config.dialTimeout), (15.0, 10.0))
         with open("/proc/sys/net/core/somaxconn") as f:
             self.assertEqual(config.backlog, int(f.read()))

@@ -40,8 +40,8 @@ from zope.interface.verify import verifyObject
 import tsmux.client
 import tsmux.localapi
 from tsmux._auth import Credentials
+from tsmux._config import DEFAULT_LISTEN
 from tsmux._localapi import LocalAPIClient as PrivateLocalAPIClient
-from tsmux._service import DEFAULT_LISTEN
 from tsmux._socks5 import Reply, buildReply, buildRequest, buildUsernamePassword
 from tsmux.client import (
     DEFAULT_SOCKET_PATH,
@@ -256,10 +256,38 @@ class EndpointTests(SynchronousTestCase):
         self.assertIs(failure.type, AuthenticationFailed)
         self.assertIsInstance(failure.value, ConnectionNotAllowed)
         self.assertEqual(failure.value.reply, Reply.NOT_ALLOWED)
+        self.assertEqual(str(failure.value), "tsmux at /run/test/tsmux.sock refused the credentials")
+        self.assertTrue(connection.transport.disconnecting)
+
+    def test_replyNotAllowedAfterGoodCredentials(self) -> None:
+        """Reply 0x02 to the CONNECT, after the credentials were taken, is a refusal of the target."""
+        connection = FakeConnection(self, {"credentials": ("alice", "pw")})
+        connection.connect()
+        connection.receive(b"\x05\x02\x01\x00" + buildReply(Reply.NOT_ALLOWED))
+        failure = connection.failure()
+        self.assertIs(failure.type, ConnectionNotAllowed)
+        self.assertEqual(
+            str(failure.value),
+            "tsmux could not connect to peer.ts.net:22: connection not allowed by ruleset (SOCKS5 reply 0x02)",
+        )
 
     def test_handshakeFailuresWithoutAReply(self) -> None:
-        for data in (b"\x05\xff", b"HTTP/1.1 400 Bad Request\r\n\r\n", None):
-            connection = FakeConnection(self)
+        failed = "SOCKS5 handshake with /run/test/tsmux.sock failed: "
+        for credentials, data, reason in (
+            (
+                None,
+                b"\x05\xff",
+                "it accepts none of our authentication methods (it wants a username and password: pass credentials)",
+            ),
+            (("alice", "pw"), b"\x05\xff", "it accepts none of our authentication methods"),
+            (
+                None,
+                b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                "it is not a SOCKS5 server we understand: not a SOCKS5 server (version byte 0x48)",
+            ),
+            (None, None, "it closed the connection during the handshake"),
+        ):
+            connection = FakeConnection(self, {"credentials": credentials})
             connection.connect()
             if data is None:
                 connection.transport.protocol.connectionLost(Failure(error.ConnectionDone()))
@@ -268,7 +296,7 @@ class EndpointTests(SynchronousTestCase):
             failure = connection.failure()
             self.assertIs(failure.type, SOCKSError, data)
             self.assertIsNone(failure.value.reply)
-            self.assertIn("/run/test/tsmux.sock", str(failure.value))
+            self.assertEqual(str(failure.value), failed + reason)
 
     def test_socketUnreachable(self) -> None:
         connection = FakeConnection(self)

@@ -7,6 +7,7 @@ and in which order; and the policy that picks those callers.
 from __future__ import annotations
 
 from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -57,7 +58,7 @@ class PolicyTests(SynchronousTestCase):
 class DialFilterFixture:
     def setUp(self) -> None:
         self.finished: list[DialFilterRelay] = []
-        self.relay = DialFilterRelay(REASON, lambda relay, reason: self.finished.append(relay))
+        self.relay = DialFilterRelay(MemoryReactorClock(), REASON, lambda relay, reason: self.finished.append(relay))
         self.client = HalfCloseStringTransport()
         upstream, self.upstream = connectedUpstream()
         self.relay.start(self.client, upstream)

@@ -28,6 +28,7 @@ from ._realsockets import (
     shortTempDir,
     socksConnect,
     startMux,
+    waitFor,
     waitUntilClosed,
 )
 from ._tailnet import startPrivateTailnet, tailnetSkipReason
@@ -246,6 +247,8 @@ class NcAsCallerTests(TestCase):
         caller = PeerCredentials(1, NOBODY, NOBODY, frozenset({NOBODY, 4242}))
         upstream = await self.dialer.dial("127.0.0.1", 9, caller)
         upstream.abort()
+        process = upstream.process
+        await waitFor(lambda: process.pid is None and not process.pipes, what="the child to be reaped")
         with open(self.marker) as f:
             (line,) = f.read().splitlines()
         ids, gids, groups, socketPath, reached = eval(line)  # written by the fake just above

@@ -2,48 +2,24 @@
 
 from __future__ import annotations
 
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost
-from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, globalLogPublisher
+from dataclasses import replace
+
+from twisted.internet.error import ConnectError, ConnectionLost
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tsmux._config import PENDING_LIMIT
 from tsmux._detect import SOCKS4_REJECTED
 from tsmux._errors import ConnectionRefused, DialRefusedByPolicy, DialTimeout, HostUnreachable
 from tsmux._limits import ConnectionLimits
+from tsmux._mux import MuxProtocol
+from tsmux._passthrough import LocalAPIPassthrough
 from tsmux._relay import RelayEnd
-from tsmux._server import PENDING_LIMIT, LocalAPIPassthrough, MuxFactory, MuxProtocol, SOCKS5ServerProtocol
 from tsmux._socks5 import Reply, buildReply, buildRequest
+from tsmux._socks5server import SOCKS5ServerProtocol
 
-from ._fakes import FakeDialer, FakeLocalAPIAccess, HalfCloseStringTransport, connectedUpstream
-
-GREETING = b"\x05\x01\x00"
-DONE = Failure(ConnectionDone())
-# StringTransport's getHost(): the SOCKS5 success reply carries the upstream's local address.
-SUCCESS = buildReply(Reply.SUCCEEDED, "10.0.0.1", 12345)
-
-
-class MuxTestMixin:
-    """A mux on a fake transport, with its log lines captured."""
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.dialer = FakeDialer()
-        self.localapi = FakeLocalAPIAccess()
-        self.factory = MuxFactory(self.reactor, self.dialer, self.localapi, detectTimeout=15)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
-
-    def connect(self) -> tuple[MuxProtocol, HalfCloseStringTransport]:
-        protocol = self.factory.buildProtocol(None)
-        transport = HalfCloseStringTransport()
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-        return protocol, transport
-
-    def connectionLines(self) -> list[dict]:
-        return [e for e in self.events if e.get("log_namespace") == "tsmux.connection"]
+from ._fakes import DONE, GREETING, SUCCESS, HalfCloseStringTransport, MuxTestMixin, connectedUpstream
 
 
 class DetectionTests(MuxTestMixin, SynchronousTestCase):
@@ -94,9 +70,9 @@ class DetectionTests(MuxTestMixin, SynchronousTestCase):
 
     def test_openConnectionsTracked(self) -> None:
         protocol, transport = self.connect()
-        self.assertEqual(len(self.factory.openConnections), 1)
+        self.assertEqual(len(self.context.openConnections), 1)
         protocol.connectionLost(DONE)
-        self.assertEqual(len(self.factory.openConnections), 0)
+        self.assertEqual(len(self.context.openConnections), 0)
 
 
 class TsmuxAPITimeoutTests(MuxTestMixin, SynchronousTestCase):
@@ -169,8 +145,11 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
             self.dialer.dials[-1][2].errback(error)
             self.assertEqual(transport.value(), buildReply(reply), error)
             self.assertTrue(transport.disconnecting)
-        outcomes = [line["outcome"] for line in self.connectionLines()]
-        self.assertEqual(outcomes[0], "dial-error reply=0x05 connection-refused")
+        first = self.connectionLines()[0]
+        self.assertEqual(
+            (first["outcome"], first["reply"], first["errorKind"]), ("dial-error", 5, "connection-refused")
+        )
+        self.assertIn(" dial-error reply=0x05 connection-refused: no", first["line"])
 
     def test_clientLeavingCancelsTheDial(self) -> None:
         transport = self.handshake()
@@ -211,46 +190,46 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         return transport, upstreamTransport
 
     def test_idleTimeout(self) -> None:
-        self.factory.idleTimeout = 10
+        self.context.config = replace(self.context.config, idleTimeout=10)
         transport, upstreamTransport = self.relayed()
         for _ in range(9):
             self.reactor.advance(1)
-            self.factory.closeIdleRelays()
+            self.context.closeIdleRelays()
         transport.protocol.dataReceived(b"activity")
         for _ in range(9):
             self.reactor.advance(1)
-            self.factory.closeIdleRelays()
+            self.context.closeIdleRelays()
         self.assertFalse(transport.disconnecting)
         for _ in range(2):
             self.reactor.advance(1)
-            self.factory.closeIdleRelays()
+            self.context.closeIdleRelays()
         self.assertTrue(transport.disconnecting and upstreamTransport.disconnecting)
         transport.protocol.connectionLost(DONE)
         upstreamTransport.protocol.connectionLost(DONE)
         self.assertEqual(self.connectionLines()[0]["outcome"], "timeout")
 
     def test_halfCloseTimeoutOnlyAfterOneDirectionEnded(self) -> None:
-        self.factory.halfCloseTimeout = 5
+        self.context.config = replace(self.context.config, halfCloseTimeout=5)
         transport, upstreamTransport = self.relayed()
         for _ in range(10):
             self.reactor.advance(1)
-            self.factory.closeIdleRelays()
+            self.context.closeIdleRelays()
         self.assertFalse(transport.disconnecting)
         transport.protocol.readConnectionLost()
         for _ in range(7):
             self.reactor.advance(1)
-            self.factory.closeIdleRelays()
+            self.context.closeIdleRelays()
         self.assertTrue(upstreamTransport.disconnecting)
 
     def test_maxConnections(self) -> None:
         """Refused at accept, counted in the metrics, no line per connection (one per burst)."""
-        self.factory.limits = ConnectionLimits(total=2, perUid=2, rootReserve=0)
+        self.context.limits = ConnectionLimits(total=2, perUid=2, rootReserve=0)
         first, _ = self.connect()
         self.connect()
         refused, refusedTransport = self.connect()
         self.assertTrue(refusedTransport.disconnected)
         self.assertEqual(self.connectionLines(), [])
-        self.assertEqual(self.factory.metrics.limitRefusals, 1)
+        self.assertEqual(self.context.metrics.limitRefusals, 1)
         warnings = [e for e in self.events if e.get("log_level") == LogLevel.warn]
         self.assertEqual(len(warnings), 1)
         self.connect()
@@ -266,7 +245,7 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
     def test_socksAllowListRefuses02(self) -> None:
         from tsmux._policy import AccessPolicy
 
-        self.factory.policy = AccessPolicy(socksAllowUids=frozenset({1000}))
+        self.context.policy = AccessPolicy(socksAllowUids=frozenset({1000}))
         _, transport = self.connect()
         transport.protocol.dataReceived(GREETING + buildRequest("peer", 22))
         self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED))

@@ -13,16 +13,24 @@ from zope.interface.verify import verifyObject
 
 from tsmux import IDialer, IUpstream
 from tsmux._auth import Credentials, readUpstreamCredentials
+from tsmux._client import SOCKS5ClientProtocol, SOCKS5ReplyError
+from tsmux._connect import HTTPConnectProtocol
 from tsmux._dialers import SOCKS5Dialer
 from tsmux._errors import DialError, DialRefusedByPolicy, DialTimeout, UpstreamUnreachable
 from tsmux._listen import StartupError
 from tsmux._relay import HeldConnection, RelayEnd
-from tsmux._server import HTTPConnectProtocol, SOCKS5ServerProtocol
-from tsmux._socks5 import Reply, buildReply, buildRequest, buildUsernamePassword
-from tsmux._socks5client import SOCKS5ClientProtocol, SOCKS5ReplyError
+from tsmux._socks5 import (
+    ConnectFailed,
+    CredentialsRefused,
+    ProtocolViolation,
+    Reply,
+    buildReply,
+    buildRequest,
+    buildUsernamePassword,
+)
+from tsmux._socks5server import SOCKS5ServerProtocol
 
-from ._fakes import HalfCloseStringTransport, connectedUpstream
-from .test_server import DONE, GREETING, MuxTestMixin
+from ._fakes import DONE, GREETING, HalfCloseStringTransport, MuxTestMixin, connectedUpstream
 
 
 def connected(protocol):
@@ -59,6 +67,23 @@ class SOCKS5ClientTests(SynchronousTestCase):
             protocol.dataReceived(b"\x05\x00" + buildReply(code))
             self.assertIsInstance(results[0].value, SOCKS5ReplyError)
             self.assertEqual(results[0].value.reply, code)  # even an undefined code is passed on
+            self.assertEqual(results[0].value.kind, "upstream-refused")
+            self.assertIsInstance(protocol.failedWith, ConnectFailed)
+        self.assertEqual(results[0].value.reason, "upstream SOCKS5: reply 0x42")
+
+    def test_replyTexts(self) -> None:
+        for code, text in (
+            (1, "general SOCKS server failure"),
+            (5, "connection refused"),
+            (8, "address type not supported"),
+        ):
+            protocol = SOCKS5ClientProtocol("h", 1)
+            transport = connected(protocol)
+            results: list[object] = []
+            protocol.answered.addBoth(results.append)
+            protocol.dataReceived(b"\x05\x00" + buildReply(code) + b"ignored")
+            self.assertEqual(results[0].value.reason, f"upstream SOCKS5: {text}")
+            self.assertTrue(transport.disconnecting)
 
     def test_usernamePassword(self) -> None:
         protocol = SOCKS5ClientProtocol("h", 1, (b"alice", b"pw"))
@@ -81,19 +106,61 @@ class SOCKS5ClientTests(SynchronousTestCase):
         results: list[object] = []
         protocol.answered.addBoth(results.append)
         protocol.dataReceived(b"\x05\x02\x01\x01")
+        self.assertIsInstance(results[0].value, SOCKS5ReplyError)
         self.assertEqual(results[0].value.reply, Reply.NOT_ALLOWED)
+        self.assertEqual(results[0].value.reason, "the upstream SOCKS5 server refused our credentials")
+        self.assertIsInstance(protocol.failedWith, CredentialsRefused)
+
+    def test_noAcceptableMethod(self) -> None:
+        protocol = SOCKS5ClientProtocol("h", 1)
+        transport = connected(protocol)
+        results: list[object] = []
+        protocol.answered.addBoth(results.append)
+        protocol.dataReceived(b"\x05\xff")
+        self.assertIs(type(results[0].value), DialError)
+        self.assertEqual(
+            results[0].value.reason, "the upstream SOCKS5 server accepts none of our authentication methods"
+        )
+        self.assertTrue(transport.disconnecting)
 
     def test_closedOrGarbage(self) -> None:
-        for data in (b"", b"HTTP/1.1 400 Bad Request\r\n\r\n"):
+        for data, reason in (
+            (b"", "the upstream SOCKS5 server closed the connection during the handshake"),
+            (
+                b"HTTP/1.1 400 Bad Request\r\n\r\n",
+                "the upstream is not a SOCKS5 server we understand: not a SOCKS5 server (version byte 0x48)",
+            ),
+        ):
             protocol = SOCKS5ClientProtocol("h", 1)
             connected(protocol)
             results: list[object] = []
             protocol.answered.addBoth(results.append)
             if data:
                 protocol.dataReceived(data)
+                self.assertIsInstance(protocol.failedWith, ProtocolViolation)
             else:
                 protocol.connectionLost(Failure(ConnectionDone()))
+                self.assertIsNone(protocol.failedWith)
             self.assertIs(type(results[0].value), DialError)
+            self.assertEqual(results[0].value.reason, reason)
+
+    def test_eofDuringTheHandshake(self) -> None:
+        protocol = SOCKS5ClientProtocol("h", 1)
+        transport = connected(protocol)
+        results: list[object] = []
+        protocol.answered.addBoth(results.append)
+        protocol.dataReceived(b"\x05\x00\x05")
+        protocol.readConnectionLost()
+        self.assertIs(type(results[0].value), DialError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_cancelAborts(self) -> None:
+        protocol = SOCKS5ClientProtocol("h", 1)
+        transport = connected(protocol)
+        protocol.answered.addErrback(lambda failure: None)
+        protocol.answered.cancel()
+        self.assertTrue(transport.disconnected)
+        protocol.dataReceived(b"\x05\x00" + buildReply(0))  # late bytes are only held, never a second answer
 
 
 class SOCKS5DialerTests(SynchronousTestCase):
@@ -152,7 +219,7 @@ class CredentialFileTests(SynchronousTestCase):
 class SOCKS5AuthServerTests(MuxTestMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.factory.credentials = Credentials(((b"alice", b"s3cret"),))
+        self.context.credentials = Credentials(((b"alice", b"s3cret"),))
 
     def test_noAuthClientGetsFF(self) -> None:
         _, transport = self.connect()
@@ -218,12 +285,12 @@ class HTTPConnectTests(MuxTestMixin, SynchronousTestCase):
     def test_policy(self) -> None:
         from tsmux._policy import AccessPolicy
 
-        self.factory.policy = AccessPolicy(socksAllowUids=frozenset({1000}))
+        self.context.policy = AccessPolicy(socksAllowUids=frozenset({1000}))
         transport = self.request(b"CONNECT peer:22 HTTP/1.1\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 403 Forbidden"))
 
     def test_proxyAuthorization(self) -> None:
-        self.factory.credentials = Credentials(((b"alice", b"s3cret"),))
+        self.context.credentials = Credentials(((b"alice", b"s3cret"),))
         transport = self.request(b"CONNECT peer:22 HTTP/1.1\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 407"))
         self.assertIn(b'Proxy-Authenticate: Basic realm="tsmux"', transport.value())

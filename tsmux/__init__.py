@@ -23,14 +23,14 @@ from ._errors import (
     NetworkUnreachable,
 )
 from ._interfaces import IDialer, IUpstream
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 _LAZY = {
-    "Config": "._service",
-    "Options": "._service",
+    "Config": "._config",
+    "Options": "._config",
     "buildService": "._service",
-    "MuxFactory": "._server",
+    "MuxFactory": "._mux",
+    "ConnectionContext": "._context",
     "DirectDialer": "._dialers",
     "LocalAPIDialer": "._dialers",
     "jsonLogObserver": "._cli",
@@ -48,6 +48,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "Config",
+    "ConnectionContext",
     "ConnectionRefused",
     "DialError",
     "DialRefusedByPolicy",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
-from twisted.logger import FileLogObserver, eventAsJSON, globalLogBeginner, textFileLogObserver
+from twisted.logger import FileLogObserver, eventAsJSON, formatEventAsClassicLogText, formatTime, globalLogBeginner
 from twisted.python import usage
 
 from ._listen import StartupError
@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet import reactor
 
     config = options.toConfig()
-    observer = _jsonLines(sys.stderr) if config.logFormat == "json" else textFileLogObserver(sys.stderr)
+    observer = _jsonLines(sys.stderr) if config.logFormat == "json" else _textLines(sys.stderr)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         tsmux = buildService(config, reactor)
@@ -63,6 +63,34 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+class _ClassicFormat:
+    """
+    Twisted's classic text format, made cheap for the line every connection
+    logs: that line is already formatted (L{tsmux._record}), and the
+    timestamp is formatted once a second instead of per event.  Everything
+    else goes through Twisted's own formatter, unchanged.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._stamp = ""
+
+    def __call__(self, event: dict[str, Any]) -> str | None:
+        line = event.get("line")
+        if line is None or event.get("log_namespace") != "tsmux.connection":
+            return formatEventAsClassicLogText(event)
+        when = event["log_time"]
+        if int(when) != self._second:
+            self._second = int(when)
+            self._stamp = formatTime(when)
+        return f"{self._stamp} [tsmux.connection#info] {line}\n"
+
+
+def _textLines(stream: Any) -> FileLogObserver:
+    """Text lines as Twisted writes them (C{textFileLogObserver}), with the connection lines cheaper."""
+    return FileLogObserver(stream, _ClassicFormat())
 
 
 def _jsonLines(stream: Any) -> FileLogObserver:

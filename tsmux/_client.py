@@ -2,15 +2,16 @@
 The client side: a Twisted endpoint, an endpoint-string parser and a treq
 agent that reach a target through tsmux's SOCKS5 server on its Unix socket.
 
-The handshake is L{SOCKS5ClientProtocol} (the project's codec in the client
-role, as the C{socks5:} dialer uses it); once tsmux answers, the user's
-protocol takes over the Unix transport itself, with no wrapper in the data
-path.
+The handshake is L{SOCKS5ClientProtocol}, which drives the project's sans-IO
+codec in the client role (L{tsmux._socks5.SOCKS5ClientCodec}) on a transport;
+the C{socks5:} dialer uses it too, so it lives here, below both (this module
+imports no dialer).  Once tsmux answers, the user's protocol takes over the
+Unix transport itself, with no wrapper in the data path.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Union
 
 from twisted.internet import defer, error
 from twisted.internet.address import HostnameAddress
@@ -28,8 +29,17 @@ from ._auth import _readSecretFile
 from ._errors import DialError, failureReason
 from ._listen import StartupError
 from ._localapi import _QuietHTTP11ClientFactory
-from ._socks5 import Reply, buildRequest
-from ._socks5client import _REPLY_TEXT, SOCKS5ClientProtocol, SOCKS5ReplyError
+from ._relay import HandshakeThenHold
+from ._socks5 import (
+    Connected,
+    ConnectFailed,
+    CredentialsRefused,
+    ProtocolViolation,
+    Reply,
+    SendBytes,
+    SOCKS5ClientCodec,
+    buildRequest,
+)
 
 DEFAULT_SOCKET_PATH = "/var/run/tailscale/tsmux.sock"
 """Where the daemon listens by default (C{tsmux --listen})."""
@@ -154,6 +164,102 @@ def errorForReply(reply: int, reason: str) -> SOCKSError:
     return _REPLY_CLASSES.get(reply, GeneralSOCKSFailure)(reason, reply if reply in _REPLY_CLASSES else None)
 
 
+# The SOCKS5 client role on a transport -------------------------------------
+
+
+class SOCKS5ReplyError(DialError):
+    """
+    The SOCKS5 server answered the CONNECT with a failure, or refused our
+    credentials (as C{0x02}); C{reply} is its code, passed on unchanged to
+    our own client.
+    """
+
+    kind = "upstream-refused"
+
+    def __init__(self, reply: int, reason: str) -> None:
+        super().__init__(reason)
+        # Kept as sent, even a code RFC 1928 does not define: passed on unchanged.
+        self.reply = reply  # type: ignore[assignment]
+
+
+_REPLY_TEXT = {
+    0x01: "general SOCKS server failure",
+    0x02: "connection not allowed by ruleset",
+    0x03: "network unreachable",
+    0x04: "host unreachable",
+    0x05: "connection refused",
+    0x06: "TTL expired",
+    0x07: "command not supported",
+    0x08: "address type not supported",
+}
+
+
+def replyText(code: int) -> str:
+    """RFC 1928's words for a reply code; C{reply 0x42} for one it does not define."""
+    return _REPLY_TEXT.get(code, f"reply {code:#04x}")
+
+
+HandshakeFailure = Union[ConnectFailed, CredentialsRefused, ProtocolViolation]
+
+
+def dialErrorForOutcome(outcome: HandshakeFailure) -> DialError:
+    """The L{DialError} for a failed handshake with an upstream SOCKS5 server."""
+    if isinstance(outcome, CredentialsRefused):
+        return SOCKS5ReplyError(Reply.NOT_ALLOWED, "the upstream SOCKS5 server refused our credentials")
+    if isinstance(outcome, ConnectFailed):
+        if outcome.reply is None:
+            return DialError("the upstream SOCKS5 server accepts none of our authentication methods")
+        return SOCKS5ReplyError(outcome.reply, f"upstream SOCKS5: {replyText(outcome.reply)}")
+    return DialError(f"the upstream is not a SOCKS5 server we understand: {outcome.reason}")
+
+
+class SOCKS5ClientProtocol(HandshakeThenHold):
+    """
+    Negotiates a CONNECT to C{host}:C{port} on a fresh connection to a SOCKS5
+    server, by feeding a L{SOCKS5ClientCodec} and acting on its events.
+    L{answered} fires with this protocol (an L{IUpstream} whose transport now
+    leads to the target, bytes after the reply held) or fails with a
+    L{DialError} (see L{dialErrorForOutcome}): the server's own reply as
+    L{SOCKS5ReplyError}.
+
+    @param credentials: C{(username, password)} for RFC 1929, offered
+        alongside no-auth; the server chooses.
+    @ivar boundAddress: the address the server reports it bound, once open.
+    @ivar failedWith: the codec's outcome when the handshake failed (C{None}
+        if the server closed before one), for callers that word their own errors.
+    """
+
+    def __init__(self, host: str, port: int, credentials: tuple[bytes, bytes] | None = None) -> None:
+        super().__init__()
+        self._codec: SOCKS5ClientCodec | None = SOCKS5ClientCodec(host, port, credentials)
+        self.boundAddress: tuple[str, int] | None = None
+        self.failedWith: HandshakeFailure | None = None
+
+    def connectionMade(self) -> None:
+        assert self._codec is not None
+        self.transport.write(self._codec.start())
+
+    def _handshakeData(self, data: bytes) -> None:
+        codec = self._codec
+        assert codec is not None, "no data reaches the handshake after its outcome"
+        for event in codec.receive(data):
+            if isinstance(event, SendBytes):
+                self.transport.write(event.data)
+                continue
+            # The outcome, always the last event.  Held for the connection's life: keep nothing of the exchange.
+            self._codec = None
+            if isinstance(event, Connected):
+                self.boundAddress = event.boundAddress
+                self._opened(event.buffered)
+            else:
+                self.failedWith = event
+                self._fail(dialErrorForOutcome(event))
+
+    def _handshakeEnded(self) -> None:
+        if not self.answered.called:
+            self.answered.errback(DialError("the upstream SOCKS5 server closed the connection during the handshake"))
+
+
 # The endpoint ----------------------------------------------------------------
 
 
@@ -256,23 +362,31 @@ class TsmuxEndpoint:
         return Failure(TsmuxUnreachable(f"cannot connect to tsmux at {self.socketPath}: {failureReason(failure)}"))
 
     def _refused(self, failure: Failure, handshake: SOCKS5ClientProtocol) -> Failure:
-        if failure.check(SOCKS5ReplyError):
-            code = int(failure.value.reply)
-            if code == Reply.NOT_ALLOWED and handshake._state == "auth":
-                return Failure(AuthenticationFailed(f"tsmux at {self.socketPath} refused the credentials", code))
-            text = _REPLY_TEXT.get(code, f"reply {code:#04x}")
+        if not failure.check(DialError):
+            return failure
+        # Worded from the codec's outcome, not from the DialError (which is worded for the socks5: dialer).
+        outcome = handshake.failedWith
+        if isinstance(outcome, CredentialsRefused):
+            return Failure(
+                AuthenticationFailed(f"tsmux at {self.socketPath} refused the credentials", Reply.NOT_ALLOWED)
+            )
+        if isinstance(outcome, ConnectFailed) and outcome.reply is not None:
+            code = outcome.reply
             return Failure(
                 errorForReply(
-                    code, f"tsmux could not connect to {self.host}:{self.port}: {text} (SOCKS5 reply {code:#04x})"
+                    code,
+                    f"tsmux could not connect to {self.host}:{self.port}: {replyText(code)} (SOCKS5 reply {code:#04x})",
                 )
             )
-        if failure.check(DialError):
-            # The codec's client role words its errors for the socks5: dialer ("the upstream ...").
-            reason = failure.value.reason.replace("the upstream SOCKS5 server", "it").replace("the upstream", "it")
-            if "authentication methods" in reason and self._credentials is None:
+        if isinstance(outcome, ConnectFailed):
+            reason = "it accepts none of our authentication methods"
+            if self._credentials is None:
                 reason += " (it wants a username and password: pass credentials)"
-            return Failure(SOCKSError(f"SOCKS5 handshake with {self.socketPath} failed: {reason}"))
-        return failure
+        elif isinstance(outcome, ProtocolViolation):
+            reason = f"it is not a SOCKS5 server we understand: {outcome.reason}"
+        else:
+            reason = "it closed the connection during the handshake"
+        return Failure(SOCKSError(f"SOCKS5 handshake with {self.socketPath} failed: {reason}"))
 
     def _handOver(self, upstream: SOCKS5ClientProtocol, protocolFactory: IProtocolFactory) -> IProtocol:
         try:

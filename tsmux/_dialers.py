@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._ascaller import Identity, connectTCPAs
+from ._client import SOCKS5ClientProtocol
 from ._errors import (
     DialError,
     DialRefusedByPolicy,
@@ -36,7 +37,6 @@ from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
 from ._peercred import PeerCredentials
 from ._relay import HandshakeThenHold, HeldConnection, quietConnect
-from ._socks5client import SOCKS5ClientProtocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._localapi import LocalAPIAccess

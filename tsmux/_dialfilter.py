@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ._escape import escapeText
-from ._http import buildSimpleResponse
-from ._httpframing import Body, Head, HTTPFramingError, RequestFramer, RequestHead, ResponseFramer
+from ._http import Body, Head, HTTPParseError, RequestFramer, RequestHead, ResponseFramer, buildSimpleResponse
 from ._relay import Relay, RelayEnd, closeTransport
 
 HELD_LIMIT = 64 * 1024
@@ -34,16 +34,14 @@ HELD_LIMIT = 64 * 1024
 class _FramedClientEnd(RelayEnd):
     relay: DialFilterRelay
 
-    def dataReceived(self, data: bytes) -> None:
-        self.bytesReceived += len(data)
+    def forward(self, data: bytes) -> None:
         self.relay._fromClient(data)
 
 
 class _CountingUpstreamEnd(RelayEnd):
     relay: DialFilterRelay
 
-    def dataReceived(self, data: bytes) -> None:
-        self.bytesReceived += len(data)
+    def forward(self, data: bytes) -> None:
         self.relay._fromUpstream(data)
 
 
@@ -56,8 +54,10 @@ class DialFilterRelay(Relay):
     clientEndClass = _FramedClientEnd
     upstreamEndClass = _CountingUpstreamEnd
 
-    def __init__(self, refusal: str, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
-        super().__init__(onFinished)
+    def __init__(
+        self, clock: IReactorTime, refusal: str, onFinished: Callable[[Relay, Failure], None] | None = None
+    ) -> None:
+        super().__init__(clock, onFinished)
         self._dialRefusal = refusal
         self._requests = RequestFramer()
         self._responses = ResponseFramer()
@@ -86,7 +86,7 @@ class DialFilterRelay(Relay):
         """Frame client bytes (new ones, or those held across an upgrade) and forward what passes."""
         try:
             events = parse(*args)
-        except HTTPFramingError as error:
+        except HTTPParseError as error:
             why = escapeText(str(error))
             self._refuse(400, "Bad Request", f"tsmux: malformed HTTP request: {why}\n", why)
             return
@@ -144,7 +144,7 @@ class DialFilterRelay(Relay):
         if not (self._raw or self._unframeable):
             try:
                 completed = self._responses.receive(data)
-            except HTTPFramingError:
+            except HTTPParseError:
                 # Cannot tell where answers end any more: pass bytes on, refuse nothing new.
                 self._unframeable = True
                 completed = 0

@@ -142,3 +142,12 @@ def failureReason(failure: Failure) -> str:
     if isinstance(value, OSError) and value.strerror:
         return value.strerror
     return failure.getErrorMessage()
+
+
+def httpStatusFor(error: DialError) -> tuple[int, str]:
+    """The HTTP status (and reason phrase) an HTTP CONNECT client gets for a failed dial."""
+    if isinstance(error, DialTimeout):
+        return 504, "Gateway Timeout"
+    if isinstance(error, DialRefusedByPolicy):
+        return 403, "Forbidden"
+    return 502, "Bad Gateway"

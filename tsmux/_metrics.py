@@ -1,7 +1,7 @@
 """
 What tsmux counts, and the Prometheus text it serves at C{/tsmux/v0/metrics}.
 
-Plain counters fed from each connection's L{ConnectionRecord} when it ends
+Plain counters fed from each connection's record (its typed outcome) when it ends
 (and dial latencies when dials finish): no dependency beyond Twisted, and
 nothing per byte in the data path.
 """
@@ -9,15 +9,11 @@ nothing per byte in the data path.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Final
+from typing import Final
+
+from ._record import ConnectionRecord, Outcome
 
 DIAL_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-def _outcomeLabel(outcome: str) -> str:
-    """The first word of an outcome (C{"dial-error reply=0x05 ..."} → C{"dial-error"})."""
-    word = outcome.split(" ", 1)[0]
-    return word.removeprefix("cut-at-shutdown").strip("(") or "cut-at-shutdown"
 
 
 def _escape(value: str) -> str:
@@ -36,13 +32,14 @@ class Metrics:
         self.dialErrors: Counter[str] = Counter()
         self.limitRefusals = 0
 
-    def connectionEnded(self, record: Any) -> None:
+    def connectionEnded(self, record: ConnectionRecord) -> None:
         protocol = record.protocol
-        outcome = _outcomeLabel(record.outcome or "unknown")
+        assert record.outcome is not None
+        outcome = Outcome.CUT_AT_SHUTDOWN.value if record.cutAtShutdown else record.outcome.value
         self.connections[(protocol, outcome)] += 1
         self.bytesFromClients[protocol] += record.bytesFromClient
         self.bytesToClients[protocol] += record.bytesToClient
-        if outcome == "refused-by-policy":
+        if record.outcome is Outcome.REFUSED:
             self.policyRefusals[protocol] += 1
 
     def dialEnded(self, seconds: float, errorKind: str | None) -> None:

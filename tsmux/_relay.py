@@ -20,9 +20,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IAddress,
-    IDelayedCall,
     IHalfCloseableProtocol,
     IProtocol,
+    IReactorTime,
     IStreamClientEndpoint,
     ITransport,
 )
@@ -198,9 +198,13 @@ class RelayEnd(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.bytesReceived += len(data)
-        self.peer.transport.write(data)
+        self.forward(data)
         if self.bytesReceived > self.relay.spliceAfter:
             self.relay._startSplice()
+
+    def forward(self, data: bytes) -> None:
+        """Pass C{data} from this side on to the other (uncounted: L{dataReceived} counts)."""
+        self.peer.transport.write(data)
 
     def readConnectionLost(self) -> None:
         self.relay._readDone(self)
@@ -219,8 +223,8 @@ class Relay:
     relay ends when both directions are done or either side is lost.
 
     @ivar client: the client side's L{RelayEnd}; C{client.bytesReceived}
-        counts bytes sent by the client (including those handed in at
-        L{start}).
+        counts bytes the relay read from the client (not those handed in at
+        L{start}: whoever received those counted them).
     @ivar upstream: the upstream side's L{RelayEnd}.
     """
 
@@ -233,17 +237,20 @@ class Relay:
     Python: a pair of pipes per relay costs more than it saves for them.
     """
 
-    def __init__(self, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
+    def __init__(self, clock: IReactorTime, onFinished: Callable[[Relay, Failure], None] | None = None) -> None:
+        self._clock = clock
         self.client = self.clientEndClass(self, "client")
         self.upstream = self.upstreamEndClass(self, "upstream")
         self.client.peer = self.upstream
         self.upstream.peer = self.client
-        self._onFinished = onFinished
+        self.onFinished = onFinished
+        """Called once, with the relay and the reason, when both sides are gone."""
         self.finished = False
         self.failure: Failure | None = None
         self.closedIdle: str | None = None
         self.hungUp: RelayEnd | None = None
-        self._linger: IDelayedCall | None = None
+        self.lingerSince: float | None = None
+        """When one side went and the other was left to flush (see L{LINGER})."""
         self.splice: SpliceRelay | None = None
         self._idleSeen = -1
         self._lastActive: float | None = None
@@ -271,8 +278,9 @@ class Relay:
             if not self.upstream.readDone:
                 clientTransport.registerProducer(self.upstream.transport, True)
             self.upstream.transport.registerProducer(clientTransport, True)
-        if clientBuffered:
-            self.client.dataReceived(clientBuffered)
+        if clientBuffered and not self.upstream.lost:
+            # Counted by the front end that received them; the relay counts what it reads.
+            self.client.forward(clientBuffered)
         if clientEOF and not self.client.readDone:
             self._readDone(self.client)
         if resumeClient and not self.client.lost:
@@ -306,7 +314,7 @@ class Relay:
             and canSplice(self.client.transport)
             and canSplice(self.upstream.transport)
         ):
-            self.splice = SpliceRelay(self)
+            self.splice = SpliceRelay(self.client, self.upstream, self._readDone)
             self.splice.start()
 
     def idleCheck(self, now: float, idleTimeout: float | None, halfCloseTimeout: float | None) -> None:
@@ -316,7 +324,12 @@ class Relay:
         C{halfCloseTimeout} seconds once one direction has ended.  The
         latter bounds a relay whose client sent EOF and then left: tsmux no
         longer reads that socket, so only the target's silence shows it.
+        A side left flushing after the other went gets L{LINGER} seconds.
         """
+        if self.lingerSince is not None:
+            if not self.finished and now - self.lingerSince >= LINGER:
+                self.abort()
+            return
         seen = self.client.bytesReceived + self.upstream.bytesReceived
         if seen != self._idleSeen or self._lastActive is None:
             self._idleSeen = seen
@@ -366,14 +379,12 @@ class Relay:
             # Flush what the peer is owed, but not forever: a peer that stopped
             # reading would otherwise keep the relay (and its log line) open.
             closeTransport(end.peer.transport)
-            clock = getattr(end.peer.transport, "reactor", None)
-            if clock is not None and self._linger is None:
-                self._linger = clock.callLater(LINGER, self.abort)
+            if self.lingerSince is None:
+                # Enforced by the periodic sweep (L{idleCheck}): no timer per connection.
+                self.lingerSince = self._clock.seconds()
         if self.client.lost and self.upstream.lost and not self.finished:
             self.finished = True
-            if self._linger is not None and self._linger.active():
-                self._linger.cancel()
             if self.splice is not None:
                 self.splice.close()
-            if self._onFinished is not None:
-                self._onFinished(self, reason)
+            if self.onFinished is not None:
+                self.onFinished(self, reason)

@@ -3,13 +3,18 @@ A sans-IO SOCKS5 codec (RFC 1928, plus the RFC 1929 username/password
 sub-negotiation).
 
 Nothing here touches a transport: parsers take the bytes received so far and
-return either L{NEED_MORE}, or a message together with the number of bytes it
-used; builders return the bytes to send.  Both roles are covered so that the
-server in L{tsmux._server}, the upstream-SOCKS5 dialer and the client
-endpoint (both through L{tsmux._socks5client}) share one implementation.
+return either L{NEED_MORE} (the one "need more" answer of this module), or a
+message together with the number of bytes it used; builders return the bytes
+to send.  Both roles are here, each as a state machine that takes bytes and
+returns events: L{SOCKS5ServerCodec} for tsmux's SOCKS5 server, and
+L{SOCKS5ClientCodec} for the upstream-SOCKS5 dialer and the client endpoint
+(both drive it through L{tsmux._client.SOCKS5ClientProtocol}).
 
-Malformed input raises L{SOCKS5ProtocolError}, which carries the reply code a
-server should answer with (when an answer is possible at all).
+A malformed message makes a parser raise L{SOCKS5ProtocolError}, which
+carries the reply code a server should answer with (when an answer is
+possible at all); the codecs turn it into events and never raise on bad
+input.  Nothing here knows about dial errors: mapping an outcome to one is
+the caller's job (L{tsmux._errors} imports this module, not the reverse).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, Literal, Union
+from typing import Final, Literal, TypeVar, Union
 
 VERSION: Final = 0x05
 AUTH_VERSION: Final = 0x01
@@ -142,7 +147,10 @@ class ReplyMessage:
     port: int
 
 
-Parsed = Union[tuple[object, int], _NeedMore]
+_Message = TypeVar("_Message")
+
+Parsed = Union[tuple[_Message, int], _NeedMore]
+"""A parser's answer: the message and the number of bytes it used, or L{NEED_MORE}."""
 
 
 # Builders -------------------------------------------------------------------
@@ -206,7 +214,7 @@ def buildReply(reply: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
 # Parsers --------------------------------------------------------------------
 
 
-def parseGreeting(data: bytes) -> Parsed:
+def parseGreeting(data: bytes) -> Parsed[Greeting]:
     if not data:
         return NEED_MORE
     if data[0] != VERSION:
@@ -221,7 +229,7 @@ def parseGreeting(data: bytes) -> Parsed:
     return Greeting(tuple(data[2 : 2 + count])), 2 + count
 
 
-def parseMethodSelection(data: bytes) -> Parsed:
+def parseMethodSelection(data: bytes) -> Parsed[MethodSelection]:
     if len(data) < 2:
         if data and data[0] != VERSION:
             raise SOCKS5ProtocolError(f"not a SOCKS5 server (version byte {data[0]:#04x})", None)
@@ -231,7 +239,7 @@ def parseMethodSelection(data: bytes) -> Parsed:
     return MethodSelection(data[1]), 2
 
 
-def parseUsernamePassword(data: bytes) -> Parsed:
+def parseUsernamePassword(data: bytes) -> Parsed[UsernamePassword]:
     if not data:
         return NEED_MORE
     if data[0] != AUTH_VERSION:
@@ -247,7 +255,7 @@ def parseUsernamePassword(data: bytes) -> Parsed:
     return UsernamePassword(data[2:userEnd], data[userEnd + 1 : passwordEnd]), passwordEnd
 
 
-def parseAuthStatus(data: bytes) -> Parsed:
+def parseAuthStatus(data: bytes) -> Parsed[AuthStatus]:
     if len(data) < 2:
         return NEED_MORE
     if data[0] != AUTH_VERSION:
@@ -300,7 +308,7 @@ def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int,
     return code, AddressType(rawType), host, port, end + 2
 
 
-def parseRequest(data: bytes) -> Parsed:
+def parseRequest(data: bytes) -> Parsed[Request]:
     parsed = _parseAddressed(data, "request")
     if isinstance(parsed, _NeedMore):
         return parsed
@@ -308,7 +316,7 @@ def parseRequest(data: bytes) -> Parsed:
     return Request(command, addressType, host, port), used
 
 
-def parseReply(data: bytes) -> Parsed:
+def parseReply(data: bytes) -> Parsed[ReplyMessage]:
     parsed = _parseAddressed(data, "reply")
     if isinstance(parsed, _NeedMore):
         return parsed
@@ -316,14 +324,17 @@ def parseReply(data: bytes) -> Parsed:
     return ReplyMessage(reply, addressType, host, port), used
 
 
-# The server role as a state machine -----------------------------------------
+# Events shared by both roles --------------------------------------------------
 
 
 @dataclass(frozen=True)
 class SendBytes:
-    """Send these bytes to the client."""
+    """Send these bytes to the peer."""
 
     data: bytes
+
+
+# The server role as a state machine -----------------------------------------
 
 
 @dataclass(frozen=True)
@@ -388,41 +399,48 @@ class SOCKS5ServerCodec:
         return events
 
     def _step(self, events: list[ServerEvent]) -> bool:
+        """Take one message from the buffer if it is all there; C{True} to go on."""
         if self.state == "greeting":
-            parsed = parseGreeting(self._buffer)
-            if isinstance(parsed, _NeedMore):
-                return False
-            greeting, used = parsed
-            assert isinstance(greeting, Greeting)
-            self._buffer = self._buffer[used:]
-            for method in self._acceptable:
-                if method in greeting.methods:
-                    break
-            else:
-                events.append(SendBytes(buildMethodSelection(Method.NO_ACCEPTABLE)))
-                offered = ", ".join(f"{m:#04x}" for m in greeting.methods)
-                events.append(Close(f"no acceptable SOCKS5 method (offered {offered})"))
-                self.state = "done"
-                return False
-            self.chosenMethod = method
-            events.append(SendBytes(buildMethodSelection(method)))
-            self.state = "auth" if method == Method.USERNAME_PASSWORD else "request"
-            return True
+            return self._greeting(events)
         if self.state == "auth":
-            parsed = parseUsernamePassword(self._buffer)
-            if isinstance(parsed, _NeedMore):
-                return False
-            credentials, used = parsed
-            assert isinstance(credentials, UsernamePassword)
-            self._buffer = self._buffer[used:]
-            self.state = "auth-pending"
-            events.append(CredentialsReceived(credentials))
+            return self._credentials(events)
+        return self._request(events)
+
+    def _greeting(self, events: list[ServerEvent]) -> bool:
+        parsed = parseGreeting(self._buffer)
+        if isinstance(parsed, _NeedMore):
             return False
+        greeting, used = parsed
+        self._buffer = self._buffer[used:]
+        for method in self._acceptable:
+            if method in greeting.methods:
+                break
+        else:
+            events.append(SendBytes(buildMethodSelection(Method.NO_ACCEPTABLE)))
+            offered = ", ".join(f"{m:#04x}" for m in greeting.methods)
+            events.append(Close(f"no acceptable SOCKS5 method (offered {offered})"))
+            self.state = "done"
+            return False
+        self.chosenMethod = method
+        events.append(SendBytes(buildMethodSelection(method)))
+        self.state = "auth" if method == Method.USERNAME_PASSWORD else "request"
+        return True
+
+    def _credentials(self, events: list[ServerEvent]) -> bool:
+        parsed = parseUsernamePassword(self._buffer)
+        if isinstance(parsed, _NeedMore):
+            return False
+        credentials, used = parsed
+        self._buffer = self._buffer[used:]
+        self.state = "auth-pending"
+        events.append(CredentialsReceived(credentials))
+        return False
+
+    def _request(self, events: list[ServerEvent]) -> bool:
         parsed = parseRequest(self._buffer)
         if isinstance(parsed, _NeedMore):
             return False
         request, used = parsed
-        assert isinstance(request, Request)
         self._buffer = self._buffer[used:]
         self.state = "done"
         if request.command != Command.CONNECT:
@@ -442,3 +460,178 @@ class SOCKS5ServerCodec:
             return [SendBytes(buildAuthStatus(0x01)), Close("SOCKS5 authentication failed")]
         self.state = "request"
         return [SendBytes(buildAuthStatus(0x00)), *self.receive(b"")]
+
+
+# The client role as a state machine -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Connected:
+    """
+    The server opened the connection: C{reply} is its success reply, with
+    the address it bound for us; C{buffered} holds the bytes it sent after
+    the reply, which come from the target.
+    """
+
+    reply: ReplyMessage
+    buffered: bytes
+
+    @property
+    def boundAddress(self) -> tuple[str, int]:
+        return self.reply.host, self.reply.port
+
+
+@dataclass(frozen=True)
+class ConnectFailed:
+    """
+    The server did not open the connection.  C{reply} is the code of its
+    failure reply, kept as sent (even one RFC 1928 does not define), or
+    C{None} when it refused before a reply: it chose none of the
+    authentication methods we offered.
+    """
+
+    reason: str
+    reply: int | None
+
+
+@dataclass(frozen=True)
+class CredentialsRefused:
+    """The server refused our RFC 1929 username and password; C{status} as it sent it (not 0)."""
+
+    reason: str
+    status: int
+
+
+@dataclass(frozen=True)
+class ProtocolViolation:
+    """The server's answer is not SOCKS5 as RFC 1928 and RFC 1929 define it."""
+
+    reason: str
+
+
+ClientOutcome = Union[Connected, ConnectFailed, CredentialsRefused, ProtocolViolation]
+ClientEvent = Union[SendBytes, ClientOutcome]
+ClientState = Literal["start", "method", "auth", "reply", "done"]
+
+
+class SOCKS5ClientCodec:
+    """
+    The client side of the handshake: a CONNECT to C{host}:C{port}, with the
+    name sent unresolved.
+
+    Send what L{start} returns, then feed the server's bytes to L{receive};
+    it returns events to act on: L{SendBytes}, and last one outcome,
+    L{Connected}, L{ConnectFailed}, L{CredentialsRefused} or
+    L{ProtocolViolation}.  The codec is then done: after L{Connected} the
+    rest of the stream belongs to the relay, after any other outcome the
+    caller closes.  It never raises on bad input.
+
+    @param credentials: C{(username, password)} for RFC 1929, offered
+        alongside no-auth; the server chooses.  Without them the greeting and
+        the request go in one write, saving a round trip.
+    @raise ValueError: C{host}, C{port} or C{credentials} cannot be encoded.
+    """
+
+    def __init__(self, host: str, port: int, credentials: tuple[bytes, bytes] | None = None) -> None:
+        self._request = buildRequest(host, port)
+        self._authentication = None if credentials is None else buildUsernamePassword(*credentials)
+        self._buffer = b""
+        self.state: ClientState = "start"
+
+    def start(self) -> bytes:
+        """The bytes to send first, once the connection is made."""
+        if self.state != "start":
+            raise RuntimeError("the SOCKS5 handshake has started already")
+        self.state = "method"
+        if self._authentication is None:
+            return buildGreeting((Method.NO_AUTH,)) + self._request
+        return buildGreeting((Method.USERNAME_PASSWORD, Method.NO_AUTH))
+
+    def receive(self, data: bytes) -> list[ClientEvent]:
+        """Bytes from the server; once the outcome is out, nothing more is taken."""
+        if self.state == "start":
+            raise RuntimeError("start the SOCKS5 handshake before feeding it")
+        if self.state == "done":
+            return []
+        self._buffer += data
+        events: list[ClientEvent] = []
+        try:
+            while self.state != "done" and self._step(events):
+                pass
+        except SOCKS5ProtocolError as error:
+            events.append(self._finish(ProtocolViolation(str(error))))
+        return events
+
+    def _finish(self, outcome: ClientOutcome) -> ClientOutcome:
+        # Done: keep nothing of the exchange (the password least of all).
+        self.state = "done"
+        self._buffer = self._request = b""
+        self._authentication = None
+        return outcome
+
+    def _step(self, events: list[ClientEvent]) -> bool:
+        """Take one message from the buffer if it is all there; C{True} to go on."""
+        if self.state == "method":
+            return self._methodSelection(events)
+        if self.state == "auth":
+            return self._authStatus(events)
+        return self._reply(events)
+
+    def _methodSelection(self, events: list[ClientEvent]) -> bool:
+        parsed = parseMethodSelection(self._buffer)
+        if isinstance(parsed, _NeedMore):
+            return False
+        selection, used = parsed
+        self._buffer = self._buffer[used:]
+        if selection.method == Method.USERNAME_PASSWORD and self._authentication is not None:
+            events.append(SendBytes(self._authentication))
+            self.state = "auth"
+        elif selection.method == Method.NO_AUTH:
+            if self._authentication is not None:
+                events.append(SendBytes(self._request))  # not sent with the greeting
+            self.state = "reply"
+        else:
+            events.append(
+                self._finish(
+                    ConnectFailed(
+                        f"the SOCKS5 server accepts none of the methods offered (it chose {selection.method:#04x})",
+                        None,
+                    )
+                )
+            )
+            return False
+        return True
+
+    def _authStatus(self, events: list[ClientEvent]) -> bool:
+        parsed = parseAuthStatus(self._buffer)
+        if isinstance(parsed, _NeedMore):
+            return False
+        status, used = parsed
+        self._buffer = self._buffer[used:]
+        if status.status != 0x00:
+            events.append(
+                self._finish(
+                    CredentialsRefused(
+                        f"the SOCKS5 server refused the username and password (status {status.status:#04x})",
+                        status.status,
+                    )
+                )
+            )
+            return False
+        events.append(SendBytes(self._request))
+        self.state = "reply"
+        return True
+
+    def _reply(self, events: list[ClientEvent]) -> bool:
+        parsed = parseReply(self._buffer)
+        if isinstance(parsed, _NeedMore):
+            return False
+        reply, used = parsed
+        buffered = self._buffer[used:]
+        if reply.reply == Reply.SUCCEEDED:
+            events.append(self._finish(Connected(reply, buffered)))
+        else:
+            events.append(
+                self._finish(ConnectFailed(f"the SOCKS5 server answered with reply {reply.reply:#04x}", reply.reply))
+            )
+        return False

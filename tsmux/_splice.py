@@ -18,14 +18,20 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from twisted.internet import main, tcp
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ._relay import Relay, RelayEnd
+
+class RelaySide(Protocol):
+    """What splice needs of a relay's end: its transport and its byte count."""
+
+    transport: Any
+    bytesReceived: int
+
 
 PIPE_SIZE = 1024 * 1024
 _FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -58,7 +64,7 @@ def _takeBuffered(transport: Any) -> bytes:
 class _Direction:
     """Bytes read from C{src} on their way to C{dst}."""
 
-    def __init__(self, src: Any, dst: Any, end: RelayEnd) -> None:
+    def __init__(self, src: Any, dst: Any, end: RelaySide) -> None:
         self.src = src
         self.dst = dst
         self.end = end
@@ -84,13 +90,15 @@ class _Direction:
 
 
 class SpliceRelay:
-    """Drives an established L{Relay}'s two socket transports with splice(2)."""
+    """
+    Drives an established relay's two socket transports with splice(2).
+    C{readDone(side)} is the relay's own handling of an EOF read from a side.
+    """
 
-    def __init__(self, relay: Relay) -> None:
-        self._relay = relay
-        client, upstream = relay.client.transport, relay.upstream.transport
-        self._toUpstream = _Direction(client, upstream, relay.client)
-        self._toClient = _Direction(upstream, client, relay.upstream)
+    def __init__(self, client: RelaySide, upstream: RelaySide, readDone: Callable[[Any], None]) -> None:
+        self._readDone = readDone
+        self._toUpstream = _Direction(client.transport, upstream.transport, client)
+        self._toClient = _Direction(upstream.transport, client.transport, upstream)
         self._closed = False
 
     def start(self) -> None:
@@ -130,7 +138,7 @@ class SpliceRelay:
                 return main.CONNECTION_LOST
             if count == 0:
                 direction.src.stopReading()
-                self._relay._readDone(direction.end)
+                self._readDone(direction.end)
                 return None
             direction.end.bytesReceived += count
             direction.inPipe += count

@@ -1,0 +1,296 @@
+"""
+What every connection of one mux shares, and the small parts the front ends
+are composed of.
+
+The front ends (L{tsmux._socks5server}, L{tsmux._connect},
+L{tsmux._passthrough}, L{tsmux._adminapi}) depend on the
+L{ConnectionContext} defined here, below them, never on the factory that
+builds them: the factory (L{tsmux._mux}) is the only module that imports
+the front ends, so there is no import loop.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ._auth import Credentials, PasswordThrottle
+from ._config import PENDING_LIMIT, SPLICE_AFTER, Config
+from ._dialers import LocalAPIHealth
+from ._errors import dialErrorFromFailure
+from ._hangup import sweepHungUp
+from ._interfaces import IDialer, IUpstream
+from ._limits import ConnectionLimits, RefusalBurst
+from ._localapi import LocalAPIAccess
+from ._metrics import Metrics
+from ._policy import AccessPolicy
+from ._record import ConnectionRecord, Outcome
+from ._relay import Relay
+
+
+class ConnectionContext:
+    """
+    The settings (one L{Config}, whole), the shared services a connection
+    needs (clock, dialer, the way to tailscaled's LocalAPI, policy,
+    credentials, metrics, limits) and the registry of what is open.
+    """
+
+    def __init__(
+        self,
+        reactor: IReactorTime,
+        config: Config,
+        dialer: IDialer,
+        localapi: LocalAPIAccess,
+        policy: AccessPolicy | None = None,
+        credentials: Credentials | None = None,
+        health: LocalAPIHealth | None = None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.dialer = dialer
+        self.localapi = localapi
+        self.policy = policy if policy is not None else AccessPolicy()
+        self.credentials = credentials
+        self.health = health if health is not None else LocalAPIHealth(localapi.path)
+        self.limits = limits if limits is not None else ConnectionLimits.unlimited()
+        self.throttle = PasswordThrottle(reactor)
+        self.refusals = RefusalBurst(reactor)
+        self.metrics = Metrics()
+        self.started = reactor.seconds()
+        self.listening: list[str] = []
+        self.openConnections: set[ConnectionRecord] = set()
+        self.openByUid: Counter[int | None] = Counter()
+        self.relays: set[Relay] = set()
+
+    # the registry
+
+    def admit(self, record: ConnectionRecord) -> str | None:
+        """Count a new connection in, or say why the limits refuse it."""
+        uid = record.uid
+        refusal = self.limits.refusal(uid, len(self.openConnections), self.openByUid[uid])
+        if refusal is not None:
+            self.refusals.refused(record.peer, refusal)
+            self.metrics.limitRefusals += 1
+            return refusal
+        self.openConnections.add(record)
+        self.openByUid[uid] += 1
+        return None
+
+    def ended(self, record: ConnectionRecord) -> None:
+        """A record's connection ended (its line is logged): count it out."""
+        if record in self.openConnections:
+            self.openConnections.discard(record)
+            uid = record.uid
+            self.openByUid[uid] -= 1
+            if not self.openByUid[uid]:
+                del self.openByUid[uid]
+        self.metrics.connectionEnded(record)
+
+    def closeIdleRelays(self) -> None:
+        """Close relays idle past the idle or half-close timeout, or lingering past L{tsmux._relay.LINGER}."""
+        now = self.reactor.seconds()
+        for relay in list(self.relays):
+            relay.idleCheck(now, self.config.idleTimeout, self.config.halfCloseTimeout)
+
+    def sweep(self) -> None:
+        """Periodic: timeouts and lingering relays, and peers that left while tsmux was not reading them."""
+        self.closeIdleRelays()
+        sweepHungUp(self.reactor, self.relays)  # type: ignore[arg-type]
+
+    def startSweeping(self) -> LoopingCall:
+        """
+        Run L{sweep} every second (sooner for short timeouts): relays are
+        closed between their timeout and a quarter (at most 1 s) after it, and
+        a peer that hung up while not being read is noticed within a second.
+        One periodic call for all connections instead of timers per connection.
+        """
+        timeouts = [t for t in (self.config.idleTimeout, self.config.halfCloseTimeout) if t is not None]
+        loop = LoopingCall(self.sweep)
+        loop.clock = self.reactor
+        loop.start(min([1.0] + [t / 4 for t in timeouts]), now=False)
+        return loop
+
+    # the way out
+
+    def dial(self, record: ConnectionRecord, host: str, port: int) -> Deferred[IUpstream]:
+        """Dial for C{record}'s caller; the time it took goes to the metrics."""
+        started = self.reactor.seconds()
+        dialing = self.dialer.dial(host, port, record.peer)
+
+        def ended(result: object) -> object:
+            kind = dialErrorFromFailure(result).kind if isinstance(result, Failure) else None
+            self.metrics.dialEnded(self.reactor.seconds() - started, kind)
+            return result
+
+        return dialing.addBoth(ended)
+
+    def startRelay(
+        self,
+        record: ConnectionRecord,
+        transport: ITransport,
+        upstream: IUpstream,
+        pending: PendingClient,
+        relay: Relay | None = None,
+        outcome: Callable[[Relay], tuple[Outcome, str, dict[str, Any]]] | None = None,
+    ) -> Relay:
+        """
+        Join C{transport} and C{upstream} with C{relay} (a plain L{Relay} by
+        default, moving to splice(2) for bulk when configured), hand it the
+        bytes the client sent meanwhile, and log C{record} when it ends:
+        with C{outcome(relay)} if given, else L{relayOutcome}.
+        """
+        if relay is None:
+            relay = Relay(self.reactor)
+            if self.config.splice:
+                relay.spliceAfter = SPLICE_AFTER
+        self.relays.add(relay)
+
+        def finished(relay: Relay, reason: Failure) -> None:
+            self.relays.discard(relay)
+            record.bytesFromClient += relay.client.bytesReceived
+            record.bytesToClient += relay.upstream.bytesReceived
+            ending, detail, extra = (outcome or relayOutcome)(relay)
+            record.finish(ending, detail, **extra)
+
+        relay.onFinished = finished
+        relay.start(transport, upstream, pending.take(), pending.eof, resumeClient=pending.paused)
+        return relay
+
+
+def relayOutcome(relay: Relay) -> tuple[Outcome, str, dict[str, Any]]:
+    """How a relay's end is told: timeouts, a peer that hung up, a failure, or a clean end."""
+    if relay.closedIdle == "idle":
+        return Outcome.TIMEOUT, "no bytes either way for --idle-timeout", {}
+    if relay.closedIdle == "half-closed":
+        return Outcome.TIMEOUT, "one direction ended, then no bytes for --half-close-timeout", {}
+    if relay.hungUp is relay.client:
+        return Outcome.CLIENT_CLOSED, "the client hung up while tsmux was not reading it", {}
+    if relay.failure is not None:
+        return Outcome.ERROR, relay.failure.getErrorMessage(), {}
+    return Outcome.OK, "", {}
+
+
+class PendingClient:
+    """
+    What a client sends while its way out is being connected: held (its
+    transport paused past L{PENDING_LIMIT}), with its EOF, for the relay.
+    """
+
+    def __init__(self, transport: Any, limit: int = PENDING_LIMIT) -> None:
+        self._transport = transport
+        self._limit = limit
+        self._held: list[bytes] = []
+        self.size = 0
+        self.eof = False
+        self.paused = False
+
+    def hold(self, data: bytes) -> None:
+        self._held.append(data)
+        self.size += len(data)
+        if self.size > self._limit and not self.paused:
+            self.paused = True
+            self._transport.pauseProducing()
+
+    def take(self) -> bytes:
+        data = b"".join(self._held)
+        self._held = []
+        return data
+
+
+class PhaseDeadline:
+    """
+    One deadline for a connection's handshake phases (detection, then the
+    protocol's own handshake), moved rather than replaced as the connection
+    changes owners: one timer per connection.  (Twisted's C{TimeoutMixin}
+    keeps its timer inside one protocol instance, and an idle timeout rather
+    than a deadline; a connection here passes through two protocols.)
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float, onExpiry: Callable[[], None]) -> None:
+        self._onExpiry = onExpiry
+        self._call: IDelayedCall | None = clock.callLater(seconds, self._expired)
+
+    def move(self, seconds: float, onExpiry: Callable[[], None]) -> None:
+        """The next phase: a new length from now, a new owner to tell."""
+        self._onExpiry = onExpiry
+        if self._call is not None:
+            self._call.reset(seconds)
+
+    def cancel(self) -> None:
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _expired(self) -> None:
+        self._call = None
+        self._onExpiry()
+
+
+class UpstreamWait:
+    """
+    A client whose way out is being connected: what it sends meanwhile is
+    held (L{pending}); if it leaves, the attempt is cancelled; the outcome
+    goes to C{ready(upstream)} or C{failed(failure)}, which the front end
+    gives (it answers its own client its own way).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        record: ConnectionRecord,
+        transport: Any,
+        ready: Callable[[IUpstream], None],
+        failed: Callable[[Failure], None],
+    ) -> None:
+        self.pending = PendingClient(transport)
+        self._record = record
+        self._transport = transport
+        self._ready = ready
+        self._failed = failed
+        self._deferred: Deferred[IUpstream] | None = None
+        self._lost = False
+
+    @property
+    def waiting(self) -> bool:
+        return self._deferred is not None
+
+    def begin(self, connecting: Deferred[IUpstream]) -> None:
+        self._deferred = connecting
+        connecting.addCallbacks(self._upstreamReady, self._upstreamFailed).addErrback(self._bug)
+
+    def _upstreamReady(self, upstream: IUpstream) -> None:
+        self._deferred = None
+        if self._lost:
+            upstream.abort()
+            return
+        self._ready(upstream)
+
+    def _upstreamFailed(self, failure: Failure) -> None:
+        self._deferred = None
+        if not self._lost:
+            self._failed(failure)
+            self._transport.loseConnection()
+
+    def _bug(self, failure: Failure) -> None:
+        self._record.finish(Outcome.INTERNAL_ERROR, failure.getErrorMessage())
+        self.log.failure("tsmux bug while connecting", failure)
+        self._transport.abortConnection()
+
+    def clientLost(self) -> bool:
+        """The client is gone: stop connecting.  Whether an attempt was under way."""
+        self._lost = True
+        if self._deferred is None:
+            return False
+        deferred, self._deferred = self._deferred, None
+        deferred.cancel()
+        return True

@@ -1,0 +1,97 @@
+"""The LocalAPI front end: HTTP to tailscaled, byte for byte, as the caller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from ._context import ConnectionContext, UpstreamWait, relayOutcome
+from ._dialfilter import DialFilterRelay
+from ._errors import failureReason
+from ._http import buildSimpleResponse
+from ._interfaces import IUpstream
+from ._record import ConnectionRecord, Outcome
+from ._relay import HeldConnection
+
+
+@implementer(IHalfCloseableProtocol)
+class LocalAPIPassthrough(Protocol):
+    """
+    HTTP to tailscaled's LocalAPI, byte for byte, on a LocalAPI connection
+    made as the caller (tailscaled sees the caller's uid, gid and groups and
+    applies its own rules to every request): nothing parsed or rewritten, so
+    keep-alive, pipelining, chunked bodies, long polls and upgrades all just
+    work.  Only for callers whose LocalAPI C{dial} tsmux refuses are request
+    heads framed (L{DialFilterRelay}).
+    """
+
+    def __init__(self, context: ConnectionContext, record: ConnectionRecord) -> None:
+        self._context = context
+        self.record = record
+        self._dialRefusal: str | None = None
+        self._wait: UpstreamWait | None = None
+
+    def connectionMade(self) -> None:
+        peer = self.record.peer
+        refusal = self._context.localapi.refusal(peer)
+        if refusal is not None:
+            self.record.access = "refused"
+            self.record.sent(buildSimpleResponse(403, "Forbidden", f"tsmux: {refusal}\n"))
+            self.record.finish(Outcome.REFUSED, refusal, status=403)
+            self.transport.loseConnection()
+            return
+        self._dialRefusal = self._context.policy.localAPIDialRefusal(peer)
+        self.record.access = "passthrough" if self._dialRefusal is None else "dial-filter"
+        self._wait = UpstreamWait(self.record, self.transport, self._ready, self._failed)
+        connecting = self._context.localapi.connect(peer, HeldConnection())
+        self._wait.begin(connecting)  # type: ignore[arg-type]
+
+    def dataReceived(self, data: bytes) -> None:
+        self.record.bytesFromClient += len(data)
+        if self._wait is not None:
+            self._wait.pending.hold(data)
+
+    def _ready(self, upstream: IUpstream) -> None:
+        self._context.health.succeeded()
+        assert self._wait is not None
+        if self._dialRefusal is None:
+            self._context.startRelay(self.record, self.transport, upstream, self._wait.pending)
+            return
+        relay = DialFilterRelay(self._context.reactor, self._dialRefusal)
+        self._context.startRelay(
+            self.record, self.transport, upstream, self._wait.pending, relay, lambda _: self._filterOutcome(relay)
+        )
+
+    def _filterOutcome(self, relay: DialFilterRelay) -> tuple[Outcome, str, dict[str, Any]]:
+        self.record.requests = relay.requests
+        self.record.bytesToClient += relay.refusalBytes
+        if relay.refusal is not None:
+            outcome = Outcome.REFUSED if relay.refusedStatus == 403 else Outcome.CLIENT_ERROR
+            return outcome, relay.refusal, {"status": relay.refusedStatus}
+        return relayOutcome(relay)
+
+    def _failed(self, failure: Failure) -> None:
+        reason = failureReason(failure)
+        self._context.health.failed(reason)
+        body = f"tsmux: tailscaled's LocalAPI at {self._context.localapi.path} is unreachable: {reason}\n"
+        self.record.sent(buildSimpleResponse(502, "Bad Gateway", body))
+        self.record.finish(Outcome.LOCALAPI_UNREACHABLE, reason)
+
+    def readConnectionLost(self) -> None:
+        if self._wait is not None and self._wait.waiting:
+            self._wait.pending.eof = True
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._wait is not None and self._wait.clientLost():
+            self.record.finish(Outcome.CLIENT_CLOSED, "client left while the way out was being connected")
+        else:
+            self.record.finish(Outcome.CLIENT_CLOSED, "client left before its LocalAPI connection was made")
