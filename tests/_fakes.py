@@ -14,8 +14,8 @@ from zope.interface import implementer
 
 from tsmux._interfaces import IDialer, IUpstream
 from tsmux._mux import MuxFactory, MuxProtocol
-from tsmux._relay import HeldConnection
 from tsmux._socks5 import Reply, buildReply
+from tsmux._upstream import HeldConnection
 
 
 class HalfCloseStringTransport(StringTransport):
@@ -122,7 +122,7 @@ class EndpointLocalAPIAccess(FakeLocalAPIAccess):
     def connect(self, peer: object, protocol: object) -> defer.Deferred[object]:
         from twisted.internet.endpoints import UNIXClientEndpoint
 
-        from tsmux._relay import quietConnect
+        from tsmux._upstream import quietConnect
 
         self.peers.append(peer)
         return quietConnect(UNIXClientEndpoint(self._reactor, self.path, timeout=10), protocol)

@@ -19,7 +19,7 @@ from tsmux._errors import (
     NetworkUnreachable,
 )
 from tsmux._peercred import PeerCredentials
-from tsmux._relay import HeldConnection
+from tsmux._upstream import HeldConnection
 
 from ._fakes import EndpointLocalAPIAccess, HalfCloseStringTransport
 

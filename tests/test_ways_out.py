@@ -18,7 +18,7 @@ from tsmux._connect import HTTPConnectProtocol
 from tsmux._dialers import SOCKS5Dialer
 from tsmux._errors import DialError, DialRefusedByPolicy, DialTimeout, UpstreamUnreachable
 from tsmux._listen import StartupError
-from tsmux._relay import HeldConnection, RelayEnd
+from tsmux._relay import RelayEnd
 from tsmux._socks5 import (
     ConnectFailed,
     CredentialsRefused,
@@ -29,6 +29,7 @@ from tsmux._socks5 import (
     buildUsernamePassword,
 )
 from tsmux._socks5server import SOCKS5ServerProtocol
+from tsmux._upstream import HeldConnection
 
 from ._fakes import DONE, GREETING, HalfCloseStringTransport, MuxTestMixin, connectedUpstream
 

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._relay import _OneShotFactory
+from ._upstream import OneShotFactory
 
 __all__ = [
     "CannotActAs",
@@ -351,7 +351,7 @@ def _failedConnect(failure: OSError) -> error.ConnectError:
 def _adopt(reactor: Any, sock: socket.socket, protocol: IProtocol, deferred: Deferred[IProtocol]) -> None:
     """Hand a connected socket to the reactor (which dups it), close ours, fire C{deferred}."""
     try:
-        reactor.adoptStreamConnection(sock.fileno(), sock.family, _OneShotFactory(protocol))
+        reactor.adoptStreamConnection(sock.fileno(), sock.family, OneShotFactory(protocol))
     except Exception:
         failure = Failure()
         sock.close()

@@ -28,8 +28,6 @@ from zope.interface import implementer
 from ._auth import _readSecretFile
 from ._errors import DialError, failureReason
 from ._listen import StartupError
-from ._localapi import _QuietHTTP11ClientFactory
-from ._relay import HandshakeThenHold
 from ._socks5 import (
     Connected,
     ConnectFailed,
@@ -40,6 +38,8 @@ from ._socks5 import (
     SOCKS5ClientCodec,
     buildRequest,
 )
+from ._twistedprivate import quietConnectionPool
+from ._upstream import HandshakeThenHold
 
 DEFAULT_SOCKET_PATH = "/var/run/tailscale/tsmux.sock"
 """Where the daemon listens by default (C{tsmux --listen})."""
@@ -542,7 +542,6 @@ def agent(
         trust roots, like treq's own default.
     """
     if pool is None:
-        pool = HTTPConnectionPool(reactor, persistent=True)
-        pool._factory = _QuietHTTP11ClientFactory
+        pool = quietConnectionPool(reactor, persistent=True)
     endpoints = TsmuxEndpointFactory(reactor, socketPath, contextFactory, credentials, timeout)
     return Agent.usingEndpointFactory(reactor, endpoints, pool=pool)

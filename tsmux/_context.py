@@ -23,12 +23,11 @@ from twisted.python.failure import Failure
 
 from ._auth import Credentials, PasswordThrottle
 from ._config import PENDING_LIMIT, SPLICE_AFTER, Config
-from ._dialers import LocalAPIHealth
 from ._errors import dialErrorFromFailure
 from ._hangup import sweepHungUp
 from ._interfaces import IDialer, IUpstream
 from ._limits import ConnectionLimits, RefusalBurst
-from ._localapi import LocalAPIAccess
+from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._metrics import Metrics
 from ._policy import AccessPolicy
 from ._record import ConnectionRecord, Outcome

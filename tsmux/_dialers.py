@@ -8,10 +8,9 @@ in L{tsmux._nc}.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from twisted.internet import defer, error
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -25,54 +24,22 @@ from ._client import SOCKS5ClientProtocol
 from ._errors import (
     DialError,
     DialRefusedByPolicy,
-    DialTimeout,
-    HostUnreachable,
     LocalAPIUnreachable,
     UpstreamUnreachable,
-    dialErrorFromFailure,
     dialErrorFromLocalAPI,
     failureReason,
 )
 from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
+from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._peercred import PeerCredentials
-from ._relay import HandshakeThenHold, HeldConnection, quietConnect
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ._localapi import LocalAPIAccess
+from ._upstream import HandshakeThenHold, HeldConnection, asDialError, boundedDial, quietConnect
 
 TCPConnector = Callable[[Any, str, int, "Identity | None", IProtocol, float], defer.Deferred[IProtocol]]
 
 DialSelfPolicy = Literal["refuse", "direct"]
 DEFAULT_DIAL_TIMEOUT = 10.0
 _MAX_ERROR_BODY = 64 * 1024
-
-# A host is an IP literal or a DNS name; anything else (spaces, CR/LF, other
-# controls) must never reach a header or a resolver.
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,255}$")
-
-
-def _checkTarget(host: str, port: int) -> None:
-    if not _HOST_RE.match(host):
-        raise HostUnreachable(f"not a valid host name: {host!r}")
-    if not 0 < port <= 0xFFFF:
-        raise HostUnreachable(f"not a valid port: {port}")
-
-
-def _asDialError(failure: Failure) -> Failure:
-    return Failure(dialErrorFromFailure(failure))
-
-
-def _bounded(
-    reactor: IReactorTime, deferred: defer.Deferred[IUpstream], timeout: float, what: str
-) -> defer.Deferred[IUpstream]:
-    """Bound C{deferred} by C{timeout} seconds and map every failure to a L{DialError}."""
-
-    def timedOut(result: object, timeout: float) -> object:
-        raise DialTimeout(f"{what}: no answer within {timeout:g} s")
-
-    deferred.addTimeout(timeout, reactor, onTimeoutCancel=timedOut)
-    return deferred.addErrback(_asDialError)
 
 
 @implementer(IDialer)
@@ -90,13 +57,11 @@ class DirectDialer:
         self._timeout = timeout
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
-        try:
-            _checkTarget(host, port)
-        except DialError as error:
-            return defer.fail(error)
-        endpoint = _tcpEndpoint(self._reactor, host.strip("[]"), port, self._timeout)
-        connecting = quietConnect(endpoint, HeldConnection())
-        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port}")
+        def start() -> defer.Deferred[IUpstream]:
+            endpoint = _tcpEndpoint(self._reactor, host.strip("[]"), port, self._timeout)
+            return quietConnect(endpoint, HeldConnection())  # type: ignore[return-value]
+
+        return boundedDial(self._reactor, host, port, self._timeout, f"dial {host}:{port}", start)
 
 
 def _tcpEndpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
@@ -118,40 +83,6 @@ class _DialSelf:
     """tailscaled's "dial it yourself" answer (≥ 1.98): the target is not on the tailnet."""
 
     address: str
-
-
-class LocalAPIHealth:
-    """
-    Says once when tailscaled's LocalAPI becomes unreachable and once when it
-    is back, instead of a warning per connection.
-    """
-
-    log = Logger()
-
-    def __init__(self, path: str, socksUsesIt: bool = True) -> None:
-        self.path = path
-        self.socksUsesIt = socksUsesIt
-        self.reachable: bool | None = None
-
-    def succeeded(self) -> None:
-        if self.reachable is False:
-            self.log.info("tailscaled's LocalAPI at {path} is reachable again", path=self.path)
-        self.reachable = True
-
-    def failed(self, reason: str) -> None:
-        if self.reachable is not False:
-            consequence = (
-                "SOCKS5 dials through it fail with reply 01 and LocalAPI requests get HTTP 502"
-                if self.socksUsesIt
-                else "LocalAPI requests get HTTP 502"
-            )
-            self.log.warn(
-                "tailscaled's LocalAPI at {path} is unreachable ({reason}); {consequence} until it is back",
-                path=self.path,
-                reason=reason,
-                consequence=consequence,
-            )
-        self.reachable = False
 
 
 def buildDialRequest(host: str, port: int) -> bytes:
@@ -266,8 +197,6 @@ class LocalAPIDialer:
         if dialSelf not in ("refuse", "direct"):
             raise ValueError(f"dialSelf must be 'refuse' or 'direct', not {dialSelf!r}")
         if isinstance(access, str):
-            from ._localapi import LocalAPIAccess
-
             access = LocalAPIAccess(reactor, access, timeout)
         self._reactor = reactor
         self._access = access
@@ -279,15 +208,12 @@ class LocalAPIDialer:
         self.description = f"localapi:{access.path}"
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
-        try:
-            _checkTarget(host, port)
-        except DialError as error:
-            return defer.fail(error)
-        protocol = TsDialProtocol(host, port)
-        connecting = self._access.connect(caller, protocol)
-        connecting.addCallbacks(self._connected, self._unreachable)
-        connecting.addCallback(self._answered, host, port, caller)
-        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port} via tailscaled")
+        def start() -> defer.Deferred[IUpstream]:
+            connecting = self._access.connect(caller, TsDialProtocol(host, port))
+            connecting.addCallbacks(self._connected, self._unreachable)
+            return connecting.addCallback(self._answered, host, port, caller)  # type: ignore[return-value]
+
+        return boundedDial(self._reactor, host, port, self._timeout, f"dial {host}:{port} via tailscaled", start)
 
     def _connected(self, protocol: TsDialProtocol) -> defer.Deferred[object]:
         self.health.succeeded()
@@ -313,7 +239,7 @@ class LocalAPIDialer:
             identity = self._access.identityFor(caller)
             connecting = self._connectTCP(
                 self._reactor, selfHost, selfPort, identity, HeldConnection(), self._timeout
-            ).addErrback(_asDialError)
+            ).addErrback(asDialError)
             return connecting
         raise DialRefusedByPolicy(
             f"tailscaled answered Dial-Self: {host}:{port} is not on the tailnet and --dial-self=refuse"
@@ -358,14 +284,13 @@ class SOCKS5Dialer:
         self._where = description
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
-        try:
-            _checkTarget(host, port)
-        except DialError as failure:
-            return defer.fail(failure)
-        protocol = SOCKS5ClientProtocol(host, port, self._credentials)
-        connecting = quietConnect(self._endpoint, protocol)
-        connecting.addCallbacks(lambda connected: connected.answered, self._unreachable)
-        return _bounded(self._reactor, connecting, self._timeout, f"dial {host}:{port} via {self.description}")
+        def start() -> defer.Deferred[IUpstream]:
+            connecting = quietConnect(self._endpoint, SOCKS5ClientProtocol(host, port, self._credentials))
+            return connecting.addCallbacks(lambda connected: connected.answered, self._unreachable)  # type: ignore
+
+        return boundedDial(
+            self._reactor, host, port, self._timeout, f"dial {host}:{port} via {self.description}", start
+        )
 
     def _unreachable(self, failure: Failure) -> Failure:
         if failure.check(defer.CancelledError, error.ConnectingCancelledError):

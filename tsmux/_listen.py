@@ -10,14 +10,15 @@ import errno
 import os
 import socket
 import stat
-from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import defer, tcp, unix
+from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ._twistedprivate import adoptSystemdUnixPort, systemdInheritedDescriptors
 
 log = Logger()
 
@@ -38,17 +39,6 @@ def defaultBacklog() -> int:
             return max(int(f.read().strip()), 1)
     except (OSError, ValueError):
         return socket.SOMAXCONN
-
-
-@dataclass(frozen=True)
-class ListenAddress:
-    """One C{--listen} value, classified."""
-
-    text: str
-
-    @property
-    def isPath(self) -> bool:
-        return self.text.startswith("/")
 
 
 def prepareSocketPath(path: str) -> None:
@@ -150,17 +140,6 @@ def listenOnDescription(reactor: Any, description: str, factory: IProtocolFactor
     return result  # type: ignore[no-any-return]
 
 
-class _SystemdUnixPort(unix.Port):
-    """
-    A Unix socket systemd made and passed in: its mode is the unit's
-    C{SocketMode} (Twisted would chmod it to 0666, twisted#10261), and its
-    path is systemd's to remove (Twisted would unlink it on stop).
-    """
-
-    def connectionLost(self, reason: Failure) -> None:
-        tcp.Port.connectionLost(self, reason)
-
-
 def _systemdArguments(description: str) -> dict[str, str]:
     arguments = {}
     for part in description.split(":")[1:]:
@@ -180,10 +159,7 @@ def listenOnSystemd(reactor: Any, description: str, factory: IProtocolFactory) -
     arguments = _systemdArguments(description)
     if arguments.get("domain", "").upper() != "UNIX":
         return listenOnDescription(reactor, description, factory, backlog=0)
-    # Twisted reads (and removes) LISTEN_FDS/LISTEN_PID when its endpoints module loads.
-    from twisted.internet.endpoints import _SystemdParser
-
-    inherited = _SystemdParser._sddaemon
+    inherited = systemdInheritedDescriptors()
     descriptors = inherited.inheritedDescriptors()
     if not descriptors:
         raise StartupError(
@@ -201,8 +177,7 @@ def listenOnSystemd(reactor: Any, description: str, factory: IProtocolFactory) -
             f"--listen {description}: no such socket from systemd ({len(descriptors)} passed; names: {names})"
         ) from None
     os.set_blocking(fd, False)
-    port = _SystemdUnixPort._fromListeningDescriptor(reactor, fd, factory)
-    path = port._bindPath
+    port, path = adoptSystemdUnixPort(reactor, fd, factory)
     if path and not path.startswith(b"\0"):
         port.mode = stat.S_IMODE(os.stat(path).st_mode)  # keep the unit's SocketMode
     port.startListening()

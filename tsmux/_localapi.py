@@ -17,13 +17,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXClientEndpoint
 from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from ._ascaller import Identity, canActAsOthers, connectUnixAs
 from ._peercred import PeerCredentials
 from ._policy import callerGroups
+from ._twistedprivate import quietConnectionPool
 
 # tailscaled refuses a LocalAPI request whose Host is anything else.
 LOCALAPI_HOST = "local-tailscaled.sock"
@@ -36,12 +37,6 @@ class LocalAPIError(Exception):
         super().__init__(f"{status}: {body.strip()}")
         self.status = status
         self.body = body
-
-
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    """No "Starting factory" / "Stopping factory" lines for every request."""
-
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -61,8 +56,7 @@ class LocalAPIClient:
     def __init__(self, reactor: Any, socketPath: str, timeout: float = 10.0, persistent: bool = False) -> None:
         self.socketPath = socketPath
         self._timeout = timeout
-        self._pool = HTTPConnectionPool(reactor, persistent=persistent)
-        self._pool._factory = _QuietHTTP11ClientFactory
+        self._pool = quietConnectionPool(reactor, persistent)
         agent = Agent.usingEndpointFactory(reactor, _UnixEndpointFactory(reactor, socketPath, timeout), pool=self._pool)
         self._http = HTTPClient(agent)
 
@@ -148,3 +142,37 @@ class LocalAPIAccess:
     def connect(self, peer: PeerCredentials | None, protocol: IProtocol) -> Deferred[IProtocol]:
         """Connect C{protocol} to the LocalAPI as C{peer} (call L{refusal} first)."""
         return connectUnixAs(self._reactor, self.path, self.identityFor(peer), protocol, self._timeout)
+
+
+class LocalAPIHealth:
+    """
+    Says once when tailscaled's LocalAPI becomes unreachable and once when it
+    is back, instead of a warning per connection.
+    """
+
+    log = Logger()
+
+    def __init__(self, path: str, socksUsesIt: bool = True) -> None:
+        self.path = path
+        self.socksUsesIt = socksUsesIt
+        self.reachable: bool | None = None
+
+    def succeeded(self) -> None:
+        if self.reachable is False:
+            self.log.info("tailscaled's LocalAPI at {path} is reachable again", path=self.path)
+        self.reachable = True
+
+    def failed(self, reason: str) -> None:
+        if self.reachable is not False:
+            consequence = (
+                "SOCKS5 dials through it fail with reply 01 and LocalAPI requests get HTTP 502"
+                if self.socksUsesIt
+                else "LocalAPI requests get HTTP 502"
+            )
+            self.log.warn(
+                "tailscaled's LocalAPI at {path} is unreachable ({reason}); {consequence} until it is back",
+                path=self.path,
+                reason=reason,
+                consequence=consequence,
+            )
+        self.reachable = False

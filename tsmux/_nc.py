@@ -29,11 +29,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._ascaller import Identity, openPathDescriptor, spawnProcessAs
-from ._errors import DialError, DialTimeout, dialErrorFromLocalAPI, failureReason
+from ._errors import DialError, dialErrorFromLocalAPI, failureReason
 from ._interfaces import IDialer, IUpstream
 from ._localapi import LocalAPIAccess, LocalAPIClient
 from ._peercred import PeerCredentials
 from ._socks5 import Reply
+from ._upstream import boundedDial
 
 _MAX_STDERR = 4096
 KILL_AFTER = 1.0
@@ -260,19 +261,15 @@ class NcDialer:
         self.description = f"nc:{cli}"
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
-        from ._dialers import _checkTarget
-
-        try:
-            _checkTarget(host, port)
-        except DialError as failure:
-            return defer.fail(failure)
-        dialing = defer.ensureDeferred(self._dial(host, port, self._access.identityFor(caller)))
-
-        def timedOut(result: object, timeout: float) -> object:
-            raise DialTimeout(f"tailscale nc {host} {port}: not up within {timeout:g} s")
-
-        dialing.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timedOut)
-        return dialing
+        identity = self._access.identityFor(caller)
+        return boundedDial(
+            self._reactor,
+            host,
+            port,
+            self._timeout,
+            f"tailscale nc {host} {port}",
+            lambda: defer.ensureDeferred(self._dial(host, port, identity)),
+        )
 
     async def close(self) -> None:
         """Release the LocalAPI connections kept for state checks."""

@@ -15,7 +15,7 @@ from ._errors import failureReason
 from ._http import buildSimpleResponse
 from ._interfaces import IUpstream
 from ._record import ConnectionRecord, Outcome
-from ._relay import HeldConnection
+from ._upstream import HeldConnection
 
 
 @implementer(IHalfCloseableProtocol)

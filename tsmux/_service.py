@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from ._auth import Credentials, readUpstreamCredentials
 from ._config import Config, Options
 from ._context import ConnectionContext
-from ._dialers import DirectDialer, LocalAPIDialer, LocalAPIHealth, SOCKS5Dialer
+from ._dialers import DirectDialer, LocalAPIDialer, SOCKS5Dialer
 from ._errors import failureReason
 from ._interfaces import IDialer
 from ._limits import ConnectionLimits, raiseFileLimit
@@ -33,12 +33,12 @@ from ._listen import (
     notifySystemd,
     prepareSocketPath,
 )
-from ._localapi import LocalAPIAccess
+from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._mux import MuxFactory
 from ._nc import NcDialer
 from ._policy import AccessPolicy
 from ._record import Outcome
-from ._relay import quietConnect
+from ._upstream import quietConnect
 
 
 class TsmuxService(service.Service):
