@@ -10,7 +10,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._context import ConnectionContext, PhaseDeadline, UpstreamWait
+from ._context import ConnectionContext, PhaseDeadline, UpstreamWait, clientGone, heldEOF
 from ._errors import dialErrorFromFailure, httpStatusFor
 from ._escape import escapeText
 from ._http import HTTPParseError, buildSimpleResponse, parseRequestHead, splitHead
@@ -158,8 +158,7 @@ class HTTPConnectProtocol(Protocol):
         self.record.finish(Outcome.DIAL_ERROR, error.reason, status=status, kind=error.kind)
 
     def readConnectionLost(self) -> None:
-        if self._wait is not None and self._wait.waiting:
-            self._wait.pending.eof = True
+        if heldEOF(self._wait):
             return
         if not self._requested:
             self.record.finish(Outcome.CLIENT_CLOSED, "client shut down its side before its CONNECT was complete")
@@ -171,7 +170,4 @@ class HTTPConnectProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._deadline.cancel()
-        if self._wait is not None and self._wait.clientLost():
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left while the way out was being connected")
-        else:
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left during the handshake")
+        clientGone(self.record, self._wait)

@@ -293,3 +293,19 @@ class UpstreamWait:
         deferred, self._deferred = self._deferred, None
         deferred.cancel()
         return True
+
+
+def clientGone(record: ConnectionRecord, wait: UpstreamWait | None, when: str = "during the handshake") -> None:
+    """The client left before its relay started: stop any attempt for it, and say when it left."""
+    if wait is not None and wait.clientLost():
+        record.finish(Outcome.CLIENT_CLOSED, "client left while the way out was being connected")
+    else:
+        record.finish(Outcome.CLIENT_CLOSED, f"client left {when}")
+
+
+def heldEOF(wait: UpstreamWait | None) -> bool:
+    """The client shut down its side: if its way out is still being connected, keep that for the relay."""
+    if wait is not None and wait.waiting:
+        wait.pending.eof = True
+        return True
+    return False

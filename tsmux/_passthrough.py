@@ -9,7 +9,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._context import ConnectionContext, UpstreamWait, relayOutcome
+from ._context import ConnectionContext, UpstreamWait, clientGone, heldEOF, relayOutcome
 from ._dialfilter import DialFilterRelay
 from ._errors import failureReason
 from ._http import buildSimpleResponse
@@ -82,16 +82,11 @@ class LocalAPIPassthrough(Protocol):
         self.record.finish(Outcome.LOCALAPI_UNREACHABLE, reason)
 
     def readConnectionLost(self) -> None:
-        if self._wait is not None and self._wait.waiting:
-            self._wait.pending.eof = True
-        else:
+        if not heldEOF(self._wait):
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
         pass
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._wait is not None and self._wait.clientLost():
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left while the way out was being connected")
-        else:
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left before its LocalAPI connection was made")
+        clientGone(self.record, self._wait, "before its LocalAPI connection was made")

@@ -8,7 +8,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._context import ConnectionContext, PhaseDeadline, UpstreamWait
+from ._context import ConnectionContext, PhaseDeadline, UpstreamWait, clientGone, heldEOF
 from ._errors import dialErrorFromFailure
 from ._interfaces import IUpstream
 from ._record import ConnectionRecord, Outcome
@@ -129,8 +129,7 @@ class SOCKS5ServerProtocol(Protocol):
         self.record.finish(Outcome.DIAL_ERROR, error.reason, reply=error.reply, kind=error.kind)
 
     def readConnectionLost(self) -> None:
-        if self._wait is not None and self._wait.waiting:
-            self._wait.pending.eof = True
+        if heldEOF(self._wait):
             return
         self.record.finish(Outcome.CLIENT_CLOSED, "client shut down its side during the handshake")
         self.transport.loseConnection()
@@ -141,7 +140,4 @@ class SOCKS5ServerProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         self._deadline.cancel()
-        if self._wait is not None and self._wait.clientLost():
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left while the way out was being connected")
-        else:
-            self.record.finish(Outcome.CLIENT_CLOSED, "client left during the handshake")
+        clientGone(self.record, self._wait)
