@@ -3,7 +3,8 @@ A sans-IO SOCKS5 codec (RFC 1928, plus the RFC 1929 username/password
 sub-negotiation).
 
 Nothing here touches a transport: parsers take the bytes received so far and
-return either L{NEED_MORE} (the one "need more" answer of this module), or a
+return either C{None} when they need more bytes (the one "need more" answer
+of every parser in tsmux: L{tsmux._detect}, L{tsmux._http} too), or a
 message together with the number of bytes it used; builders return the bytes
 to send.  Both roles are here, each as a state machine that takes bytes and
 returns events: L{SOCKS5ServerCodec} for tsmux's SOCKS5 server, and
@@ -23,7 +24,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, Literal, TypeVar, Union
+from typing import Final, Literal, Optional, TypeVar, Union
 
 VERSION: Final = 0x05
 AUTH_VERSION: Final = 0x01
@@ -64,21 +65,7 @@ class Reply(IntEnum):
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
 
 
-class _NeedMore:
-    """The singleton type of L{NEED_MORE}."""
 
-    _instance: _NeedMore | None = None
-
-    def __new__(cls) -> _NeedMore:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
-
-    def __repr__(self) -> str:
-        return "NEED_MORE"
-
-
-NEED_MORE: Final = _NeedMore()
 """Returned by a parser when the bytes so far are a valid but incomplete message."""
 
 
@@ -149,8 +136,8 @@ class ReplyMessage:
 
 _Message = TypeVar("_Message")
 
-Parsed = Union[tuple[_Message, int], _NeedMore]
-"""A parser's answer: the message and the number of bytes it used, or L{NEED_MORE}."""
+Parsed = Optional[tuple[_Message, int]]
+"""A parser's answer: the message and the number of bytes it used, or C{None} for "need more"."""
 
 
 # Builders -------------------------------------------------------------------
@@ -216,16 +203,16 @@ def buildReply(reply: int, host: str = "0.0.0.0", port: int = 0) -> bytes:
 
 def parseGreeting(data: bytes) -> Parsed[Greeting]:
     if not data:
-        return NEED_MORE
+        return None
     if data[0] != VERSION:
         raise SOCKS5ProtocolError(f"not a SOCKS5 greeting (version byte {data[0]:#04x})", None)
     if len(data) < 2:
-        return NEED_MORE
+        return None
     count = data[1]
     if count == 0:
         raise SOCKS5ProtocolError("SOCKS5 greeting offers no methods", None)
     if len(data) < 2 + count:
-        return NEED_MORE
+        return None
     return Greeting(tuple(data[2 : 2 + count])), 2 + count
 
 
@@ -233,7 +220,7 @@ def parseMethodSelection(data: bytes) -> Parsed[MethodSelection]:
     if len(data) < 2:
         if data and data[0] != VERSION:
             raise SOCKS5ProtocolError(f"not a SOCKS5 server (version byte {data[0]:#04x})", None)
-        return NEED_MORE
+        return None
     if data[0] != VERSION:
         raise SOCKS5ProtocolError(f"not a SOCKS5 server (version byte {data[0]:#04x})", None)
     return MethodSelection(data[1]), 2
@@ -241,58 +228,58 @@ def parseMethodSelection(data: bytes) -> Parsed[MethodSelection]:
 
 def parseUsernamePassword(data: bytes) -> Parsed[UsernamePassword]:
     if not data:
-        return NEED_MORE
+        return None
     if data[0] != AUTH_VERSION:
         raise SOCKS5ProtocolError(f"bad username/password version {data[0]:#04x}", None)
     if len(data) < 2:
-        return NEED_MORE
+        return None
     userEnd = 2 + data[1]
     if len(data) < userEnd + 1:
-        return NEED_MORE
+        return None
     passwordEnd = userEnd + 1 + data[userEnd]
     if len(data) < passwordEnd:
-        return NEED_MORE
+        return None
     return UsernamePassword(data[2:userEnd], data[userEnd + 1 : passwordEnd]), passwordEnd
 
 
 def parseAuthStatus(data: bytes) -> Parsed[AuthStatus]:
     if len(data) < 2:
-        return NEED_MORE
+        return None
     if data[0] != AUTH_VERSION:
         raise SOCKS5ProtocolError(f"bad username/password version {data[0]:#04x}", None)
     return AuthStatus(data[1]), 2
 
 
-def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int, int] | _NeedMore:
+def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int, int] | None:
     """Shared layout of requests and replies: VER, CODE, RSV, ATYP, ADDR, PORT."""
     if not data:
-        return NEED_MORE
+        return None
     if data[0] != VERSION:
         raise SOCKS5ProtocolError(f"not a SOCKS5 {what} (version byte {data[0]:#04x})")
     if len(data) < 4:
-        return NEED_MORE
+        return None
     code, reserved, rawType = data[1], data[2], data[3]
     if reserved != 0x00:
         raise SOCKS5ProtocolError(f"SOCKS5 {what} has a non-zero reserved byte")
     if rawType == AddressType.IPV4:
         end = 4 + 4
         if len(data) < end + 2:
-            return NEED_MORE
+            return None
         host = str(ipaddress.IPv4Address(data[4:end]))
     elif rawType == AddressType.IPV6:
         end = 4 + 16
         if len(data) < end + 2:
-            return NEED_MORE
+            return None
         host = str(ipaddress.IPv6Address(data[4:end]))
     elif rawType == AddressType.DOMAIN:
         if len(data) < 5:
-            return NEED_MORE
+            return None
         length = data[4]
         if length == 0:
             raise SOCKS5ProtocolError(f"SOCKS5 {what} has an empty domain name")
         end = 5 + length
         if len(data) < end + 2:
-            return NEED_MORE
+            return None
         try:
             host = data[5:end].decode("ascii")
         except UnicodeDecodeError:
@@ -310,7 +297,7 @@ def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int,
 
 def parseRequest(data: bytes) -> Parsed[Request]:
     parsed = _parseAddressed(data, "request")
-    if isinstance(parsed, _NeedMore):
+    if parsed is None:
         return parsed
     command, addressType, host, port, used = parsed
     return Request(command, addressType, host, port), used
@@ -318,7 +305,7 @@ def parseRequest(data: bytes) -> Parsed[Request]:
 
 def parseReply(data: bytes) -> Parsed[ReplyMessage]:
     parsed = _parseAddressed(data, "reply")
-    if isinstance(parsed, _NeedMore):
+    if parsed is None:
         return parsed
     reply, addressType, host, port, used = parsed
     return ReplyMessage(reply, addressType, host, port), used
@@ -408,7 +395,7 @@ class SOCKS5ServerCodec:
 
     def _greeting(self, events: list[ServerEvent]) -> bool:
         parsed = parseGreeting(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         greeting, used = parsed
         self._buffer = self._buffer[used:]
@@ -428,7 +415,7 @@ class SOCKS5ServerCodec:
 
     def _credentials(self, events: list[ServerEvent]) -> bool:
         parsed = parseUsernamePassword(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         credentials, used = parsed
         self._buffer = self._buffer[used:]
@@ -438,7 +425,7 @@ class SOCKS5ServerCodec:
 
     def _request(self, events: list[ServerEvent]) -> bool:
         parsed = parseRequest(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         request, used = parsed
         self._buffer = self._buffer[used:]
@@ -579,7 +566,7 @@ class SOCKS5ClientCodec:
 
     def _methodSelection(self, events: list[ClientEvent]) -> bool:
         parsed = parseMethodSelection(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         selection, used = parsed
         self._buffer = self._buffer[used:]
@@ -604,7 +591,7 @@ class SOCKS5ClientCodec:
 
     def _authStatus(self, events: list[ClientEvent]) -> bool:
         parsed = parseAuthStatus(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         status, used = parsed
         self._buffer = self._buffer[used:]
@@ -624,7 +611,7 @@ class SOCKS5ClientCodec:
 
     def _reply(self, events: list[ClientEvent]) -> bool:
         parsed = parseReply(self._buffer)
-        if isinstance(parsed, _NeedMore):
+        if parsed is None:
             return False
         reply, used = parsed
         buffered = self._buffer[used:]
