@@ -52,19 +52,15 @@ class Detected:
     description: str
 
 
-NEED_MORE: Final = None
-"""Returned by L{detect} while the bytes seen so far could still go either way."""
-
-
 def detect(data: bytes) -> Detected | None:
     """
     Classify the start of a connection.
 
-    @return: a L{Detected}, or L{NEED_MORE} (C{None}) when C{data} is empty or
+    @return: a L{Detected}, or C{None} (need more, as every parser here) when C{data} is empty or
         a strict prefix of an HTTP method token.
     """
     if not data:
-        return NEED_MORE
+        return None
     first = data[0]
     if first == 0x05:
         return Detected(Protocol.SOCKS5, "SOCKS5")
@@ -72,7 +68,7 @@ def detect(data: bytes) -> Detected | None:
         if data.startswith(token):
             return Detected(Protocol.HTTP, f"HTTP {token[:-1].decode('ascii')}")
     if len(data) < _LONGEST_TOKEN and any(token.startswith(data) for token in _TOKENS):
-        return NEED_MORE
+        return None
     return Detected(_classifyOther(data), describe(data))
 
 
