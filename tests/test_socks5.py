@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -45,13 +47,22 @@ from tsmux._socks5 import (
 )
 
 hosts = st.one_of(
-    st.ip_addresses().map(str),
+    # IP literals spelled as the kernel spells them (inet_ntop), as the codec returns them
+    st.ip_addresses().map(lambda a: socket.inet_ntop(socket.AF_INET if a.version == 4 else socket.AF_INET6, a.packed)),
     st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,20}\.){0,3}[a-z0-9]{1,10}\Z"),
 )
 ports = st.integers(0, 65535)
 secrets = st.binary(min_size=1, max_size=255)
 credentialPairs = st.one_of(st.none(), st.tuples(secrets, secrets))
 OUTCOMES = (Connected, ConnectFailed, CredentialsRefused, ProtocolViolation)
+
+_T = TypeVar("_T")
+
+
+def parsed(result: tuple[_T, int] | None) -> tuple[_T, int]:
+    """A parser's answer when the bytes were enough: (message, bytes used)."""
+    assert result is not None, "the parser wanted more bytes"
+    return result
 
 
 def feedInPieces(codec: Any, data: bytes, cuts: list[int]) -> list[Any]:
@@ -64,28 +75,37 @@ def feedInPieces(codec: Any, data: bytes, cuts: list[int]) -> list[Any]:
     return events
 
 
+def sameHost(host: str) -> object:
+    """An IP literal as its address (its text may be spelled another way), a name as itself."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return host
+
+
 class BuildAndParseTests(SynchronousTestCase):
     """Client-role builders and parsers round-trip with the server-role ones."""
 
     @given(hosts, ports)
     def test_requestRoundTrip(self, host: str, port: int) -> None:
         data = buildRequest(host, port)
-        request, used = parseRequest(data + b"extra")
+        request, used = parsed(parseRequest(data + b"extra"))
         self.assertEqual(used, len(data))
         self.assertEqual((request.command, request.port), (Command.CONNECT, port))
-        self.assertEqual(request.host, host)
+        self.assertEqual(sameHost(request.host), sameHost(host))
 
     @given(hosts, ports, st.sampled_from(list(Reply)))
     def test_replyRoundTrip(self, host: str, port: int, reply: Reply) -> None:
         data = buildReply(reply, host, port)
-        parsed, used = parseReply(data)
-        self.assertEqual(parsed, ReplyMessage(reply, parsed.addressType, host, port))
+        message, used = parsed(parseReply(data))
+        self.assertEqual((message.reply, message.port), (reply, port))
+        self.assertEqual(sameHost(message.host), sameHost(host))
         self.assertEqual(used, len(data))
 
     def test_addressTypes(self) -> None:
-        self.assertEqual(parseRequest(buildRequest("10.1.2.3", 80))[0].addressType, AddressType.IPV4)
-        self.assertEqual(parseRequest(buildRequest("fd7a::1", 80))[0].addressType, AddressType.IPV6)
-        self.assertEqual(parseRequest(buildRequest("peer", 80))[0].addressType, AddressType.DOMAIN)
+        self.assertEqual(parsed(parseRequest(buildRequest("10.1.2.3", 80)))[0].addressType, AddressType.IPV4)
+        self.assertEqual(parsed(parseRequest(buildRequest("fd7a::1", 80)))[0].addressType, AddressType.IPV6)
+        self.assertEqual(parsed(parseRequest(buildRequest("peer", 80)))[0].addressType, AddressType.DOMAIN)
 
     def test_greetingAndSelection(self) -> None:
         self.assertEqual(parseGreeting(buildGreeting((0, 2))), (Greeting((0, 2)), 4))
@@ -212,7 +232,7 @@ class ServerCodecTests(SynchronousTestCase):
             data = build()
             for end in range(len(data)):
                 self.assertIsNone(parse(data[:end]))
-            self.assertEqual(parse(data)[1], len(data))
+            self.assertEqual(parsed(parse(data))[1], len(data))
 
 
 def serverAnswer(credentials: tuple[bytes, bytes] | None, reply: int, host: str, port: int) -> bytes:
@@ -220,6 +240,11 @@ def serverAnswer(credentials: tuple[bytes, bytes] | None, reply: int, host: str,
     if credentials is None:
         return buildMethodSelection(Method.NO_AUTH) + buildReply(reply, host, port)
     return buildMethodSelection(Method.USERNAME_PASSWORD) + buildAuthStatus(0x00) + buildReply(reply, host, port)
+
+
+def receive(codec: SOCKS5ClientCodec, data: bytes) -> list[Any]:
+    """The codec's events for C{data}, typed loosely: the tests check which kind each is."""
+    return list(codec.receive(data))
 
 
 def outcomeOf(testCase: SynchronousTestCase, events: list[Any]) -> Any:
@@ -236,7 +261,7 @@ class ClientCodecTests(SynchronousTestCase):
         self.assertEqual(codec.start(), b"\x05\x01\x00" + buildRequest("peer.ts.net", 22))
         self.assertEqual(codec.receive(b"\x05\x00"), [])
         reply = buildReply(Reply.SUCCEEDED, "100.64.0.1", 4242)
-        (connected,) = codec.receive(reply + b"SSH-2.0-")
+        (connected,) = receive(codec, reply + b"SSH-2.0-")
         self.assertEqual(connected, Connected(ReplyMessage(0, AddressType.IPV4, "100.64.0.1", 4242), b"SSH-2.0-"))
         self.assertEqual(connected.boundAddress, ("100.64.0.1", 4242))
         self.assertEqual(codec.state, "done")
@@ -259,7 +284,7 @@ class ClientCodecTests(SynchronousTestCase):
     def test_credentialsRefused(self) -> None:
         codec = SOCKS5ClientCodec("h", 1, (b"alice", b"wrong"))
         codec.start()
-        events = codec.receive(b"\x05\x02\x01\x01")
+        events = receive(codec, b"\x05\x02\x01\x01")
         self.assertEqual(events[0], SendBytes(buildUsernamePassword(b"alice", b"wrong")))
         self.assertIsInstance(events[1], CredentialsRefused)
         self.assertEqual(events[1].status, 0x01)
@@ -269,7 +294,7 @@ class ClientCodecTests(SynchronousTestCase):
         for credentials, selection in ((None, b"\x05\xff"), (None, b"\x05\x02"), ((b"u", b"p"), b"\x05\x01")):
             codec = SOCKS5ClientCodec("h", 1, credentials)
             codec.start()
-            (failed,) = codec.receive(selection)
+            (failed,) = receive(codec, selection)
             self.assertIsInstance(failed, ConnectFailed)
             self.assertIsNone(failed.reply, "refused before any reply")
             self.assertIn(f"{selection[1]:#04x}", failed.reason)
@@ -278,7 +303,7 @@ class ClientCodecTests(SynchronousTestCase):
         for code in (1, 2, 4, 5, 8, 0x42, 0xFF):
             codec = SOCKS5ClientCodec("h", 1)
             codec.start()
-            (failed,) = codec.receive(b"\x05\x00" + buildReply(code) + b"ignored")
+            (failed,) = receive(codec, b"\x05\x00" + buildReply(code) + b"ignored")
             self.assertEqual(failed.reply, code)  # even an undefined code
             self.assertIn(f"{code:#04x}", failed.reason)
 
@@ -296,7 +321,7 @@ class ClientCodecTests(SynchronousTestCase):
             self.assertEqual(codec.state, "done")
         codec = SOCKS5ClientCodec("h", 1, (b"u", b"p"))
         codec.start()
-        events = codec.receive(b"\x05\x02\x05\x00")
+        events = receive(codec, b"\x05\x02\x05\x00")
         self.assertIsInstance(events[-1], ProtocolViolation)
         self.assertIn("username/password version", events[-1].reason)
 

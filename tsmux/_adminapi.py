@@ -11,6 +11,7 @@ from twisted.python.failure import Failure
 from ._context import ConnectionContext, PhaseDeadline
 from ._escape import escapeText
 from ._http import HTTPParseError, parseRequestHead, splitHead
+from ._interfaces import IStreamTransport
 from ._record import ConnectionRecord, Outcome
 from ._version import __version__
 
@@ -22,6 +23,8 @@ class TsmuxAPIProtocol(Protocol):
     C{GET /tsmux/v0/metrics} (Prometheus text) and C{GET /tsmux/v0/status}
     (JSON), for tsmux's admins only.  One request per connection.
     """
+
+    transport: IStreamTransport
 
     def __init__(self, context: ConnectionContext, record: ConnectionRecord, deadline: PhaseDeadline) -> None:
         self._context = context

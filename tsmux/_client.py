@@ -145,7 +145,7 @@ class AddressTypeNotSupported(SOCKSError):
 
 
 _REPLY_CLASSES: dict[int, type[SOCKSError]] = {
-    cls.reply: cls  # type: ignore[misc]
+    cls.reply: cls
     for cls in (
         GeneralSOCKSFailure,
         ConnectionNotAllowed,
@@ -276,7 +276,7 @@ class _HandshakeFactory(Factory):
         self._handshake = handshake
         self._userFactory = userFactory
 
-    def buildProtocol(self, addr: IAddress) -> SOCKS5ClientProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> SOCKS5ClientProtocol:
         return self._handshake
 
     def doStart(self) -> None:
@@ -354,7 +354,7 @@ class TsmuxEndpoint:
         if self._timeout is not None:
             connecting.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._timedOut)
         connecting.addErrback(self._logFailure)
-        return connecting  # type: ignore[return-value]
+        return connecting
 
     def _unreachable(self, failure: Failure) -> Failure:
         if failure.check(defer.CancelledError, error.ConnectingCancelledError, error.TimeoutError):
@@ -414,7 +414,7 @@ class TsmuxEndpoint:
             host=self.host,
             port=self.port,
             path=self.socketPath,
-            reason=failure.getErrorMessage() or failure.type.__name__,
+            reason=failure.getErrorMessage() or failure.type.__name__,  # type: ignore[union-attr]  # a Failure has a type
         )
         return failure
 

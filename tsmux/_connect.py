@@ -14,7 +14,7 @@ from ._context import ConnectionContext, PhaseDeadline, UpstreamWait, clientGone
 from ._errors import dialErrorFromFailure, httpStatusFor
 from ._escape import escapeText
 from ._http import HTTPParseError, buildSimpleResponse, parseRequestHead, splitHead
-from ._interfaces import IUpstream
+from ._interfaces import IStreamTransport, IUpstream
 from ._record import ConnectionRecord, Outcome
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -42,6 +42,8 @@ class HTTPConnectProtocol(Protocol):
     HTTP statuses.  Who is asking is decided before any password is looked
     at, and two C{Proxy-Authorization} headers are a C{400}.
     """
+
+    transport: IStreamTransport
 
     def __init__(self, context: ConnectionContext, record: ConnectionRecord, deadline: PhaseDeadline) -> None:
         self._context = context
@@ -104,11 +106,11 @@ class HTTPConnectProtocol(Protocol):
             return
         self._deadline.cancel()
         self._requested = True
-        self._wait = UpstreamWait(self.record, self.transport, self._ready, self._failed)
+        self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
         if rest:
             self._wait.pending.hold(rest)
         if self._context.credentials is None:
-            self._wait.begin(self._context.dial(self.record, host, port))
+            self._context.dial(self._wait, host, port)
             return
         ok = self._authorized(authorizations[0] if authorizations else None)
         delay = self._context.throttle.answered(self.record.uid, ok)
@@ -144,7 +146,7 @@ class HTTPConnectProtocol(Protocol):
             )
             return
         assert self._wait is not None
-        self._wait.begin(self._context.dial(self.record, host, port))
+        self._context.dial(self._wait, host, port)
 
     def _ready(self, upstream: IUpstream) -> None:
         self.record.sent(ESTABLISHED)

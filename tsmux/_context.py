@@ -119,17 +119,9 @@ class ConnectionContext:
 
     # the way out
 
-    def dial(self, record: ConnectionRecord, host: str, port: int) -> Deferred[IUpstream]:
-        """Dial for C{record}'s caller; the time it took goes to the metrics."""
-        started = self.reactor.seconds()
-        dialing = self.dialer.dial(host, port, record.peer)
-
-        def ended(result: object) -> object:
-            kind = dialErrorFromFailure(result).kind if isinstance(result, Failure) else None
-            self.metrics.dialEnded(self.reactor.seconds() - started, kind)
-            return result
-
-        return dialing.addBoth(ended)
+    def dial(self, wait: UpstreamWait, host: str, port: int) -> None:
+        """Dial for C{wait}'s client, as its caller; the time it takes goes to the metrics."""
+        wait.begin(self.dialer.dial(host, port, wait.record.peer), self.reactor.seconds())
 
     def startRelay(
         self,
@@ -246,42 +238,61 @@ class UpstreamWait:
 
     def __init__(
         self,
+        context: ConnectionContext,
         record: ConnectionRecord,
         transport: Any,
         ready: Callable[[IUpstream], None],
         failed: Callable[[Failure], None],
     ) -> None:
         self.pending = PendingClient(transport)
-        self._record = record
+        self._context = context
+        self.record = record
         self._transport = transport
         self._ready = ready
         self._failed = failed
         self._deferred: Deferred[IUpstream] | None = None
+        self._dialStarted: float | None = None
         self._lost = False
 
     @property
     def waiting(self) -> bool:
         return self._deferred is not None
 
-    def begin(self, connecting: Deferred[IUpstream]) -> None:
+    def begin(self, connecting: Deferred[IUpstream], dialStarted: float | None = None) -> None:
+        """Wait for C{connecting}; a dial (C{dialStarted} given) is timed for the metrics."""
         self._deferred = connecting
-        connecting.addCallbacks(self._upstreamReady, self._upstreamFailed).addErrback(self._bug)
+        self._dialStarted = dialStarted
+        connecting.addCallbacks(self._upstreamReady, self._upstreamFailed)
+
+    def _dialEnded(self, kind: str | None) -> None:
+        if self._dialStarted is not None:
+            self._context.metrics.dialEnded(self._context.reactor.seconds() - self._dialStarted, kind)
 
     def _upstreamReady(self, upstream: IUpstream) -> None:
         self._deferred = None
+        self._dialEnded(None)
         if self._lost:
             upstream.abort()
             return
-        self._ready(upstream)
+        try:
+            self._ready(upstream)
+        except Exception:
+            self._bug(Failure())
 
     def _upstreamFailed(self, failure: Failure) -> None:
         self._deferred = None
-        if not self._lost:
+        self._dialEnded(dialErrorFromFailure(failure).kind)
+        if self._lost:
+            return
+        try:
             self._failed(failure)
-            self._transport.loseConnection()
+        except Exception:
+            self._bug(Failure())
+            return
+        self._transport.loseConnection()
 
     def _bug(self, failure: Failure) -> None:
-        self._record.finish(Outcome.INTERNAL_ERROR, failure.getErrorMessage())
+        self.record.finish(Outcome.INTERNAL_ERROR, failure.getErrorMessage())
         self.log.failure("tsmux bug while connecting", failure)
         self._transport.abortConnection()
 

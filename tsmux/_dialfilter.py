@@ -18,13 +18,14 @@ tailscaled.  tailscaled-to-client bytes are never changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
 from ._escape import escapeText
 from ._http import Body, Head, HTTPParseError, RequestFramer, RequestHead, ResponseFramer, buildSimpleResponse
+from ._interfaces import IStreamTransport
 from ._relay import Relay, RelayEnd, closeTransport
 
 HELD_LIMIT = 64 * 1024
@@ -33,6 +34,7 @@ HELD_LIMIT = 64 * 1024
 
 class _FramedClientEnd(RelayEnd):
     relay: DialFilterRelay
+    transport: IStreamTransport
 
     def forward(self, data: bytes) -> None:
         self.relay._fromClient(data)
@@ -40,6 +42,7 @@ class _FramedClientEnd(RelayEnd):
 
 class _CountingUpstreamEnd(RelayEnd):
     relay: DialFilterRelay
+    transport: IStreamTransport
 
     def forward(self, data: bytes) -> None:
         self.relay._fromUpstream(data)
@@ -53,6 +56,8 @@ class DialFilterRelay(Relay):
 
     clientEndClass = _FramedClientEnd
     upstreamEndClass = _CountingUpstreamEnd
+    client: _FramedClientEnd
+    upstream: _CountingUpstreamEnd
 
     def __init__(
         self, clock: IReactorTime, refusal: str, onFinished: Callable[[Relay, Failure], None] | None = None
@@ -82,7 +87,7 @@ class DialFilterRelay(Relay):
             return  # nothing after a refused request is forwarded
         self._frame(self._requests.receive, data)
 
-    def _frame(self, parse: Callable[..., list[object]], *args: bytes) -> None:
+    def _frame(self, parse: Callable[..., Sequence[object]], *args: bytes) -> None:
         """Frame client bytes (new ones, or those held across an upgrade) and forward what passes."""
         try:
             events = parse(*args)
@@ -96,7 +101,7 @@ class DialFilterRelay(Relay):
             self._clientPaused = True
             self.client.transport.pauseProducing()
 
-    def _forward(self, events: list[object]) -> None:
+    def _forward(self, events: Sequence[object]) -> None:
         for event in events:
             if isinstance(event, Head):
                 head = event.head

@@ -9,6 +9,7 @@ over without a wrapper layer in the data path.
 
 from __future__ import annotations
 
+from twisted.internet.interfaces import IConsumer, IPushProducer, ISystemHandle, ITCPTransport
 from zope.interface import Attribute, Interface
 
 
@@ -49,3 +50,13 @@ class IDialer(Interface):
         @return: a cancellable L{Deferred} firing with an L{IUpstream}, or
             failing with a L{tsmux.DialError} subclass.
         """
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer, ISystemHandle):
+    """
+    What tsmux uses of a connected stream socket's transport: write, half-close and abort,
+    producer and consumer for flow control, and the socket itself. For type checking: Twisted's
+    TCP and Unix transports (C{tcp.Connection}, C{unix.Server}, C{unix.Client}) provide all of
+    these, and protocols declare C{transport: IStreamTransport} instead of the
+    C{ITransport | None} that L{twisted.internet.protocol.Protocol} declares.
+    """

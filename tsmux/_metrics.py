@@ -8,6 +8,7 @@ nothing per byte in the data path.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import Counter
 from typing import Final
 
@@ -45,9 +46,10 @@ class Metrics:
     def dialEnded(self, seconds: float, errorKind: str | None) -> None:
         self.dialCount += 1
         self.dialSum += seconds
-        for index, bound in enumerate(DIAL_BUCKETS):
-            if seconds <= bound:
-                self.dialBuckets[index] += 1
+        # Counted in the first bucket that holds it; render() makes them cumulative.
+        index = bisect_left(DIAL_BUCKETS, seconds)
+        if index < len(DIAL_BUCKETS):
+            self.dialBuckets[index] += 1
         if errorKind is not None:
             self.dialErrors[errorKind] += 1
 
@@ -90,8 +92,10 @@ class Metrics:
             "# HELP tsmux_dial_seconds Time from request to a connected or failed way out.",
             "# TYPE tsmux_dial_seconds histogram",
         ]
+        cumulative = 0
         for bound, count in zip(DIAL_BUCKETS, self.dialBuckets, strict=True):
-            lines.append(f'tsmux_dial_seconds_bucket{{le="{bound:g}"}} {count}')
+            cumulative += count
+            lines.append(f'tsmux_dial_seconds_bucket{{le="{bound:g}"}} {cumulative}')
         lines += [
             f'tsmux_dial_seconds_bucket{{le="+Inf"}} {self.dialCount}',
             f"tsmux_dial_seconds_sum {self.dialSum:.6f}",

@@ -23,6 +23,7 @@ from ._connect import HTTPConnectProtocol
 from ._context import ConnectionContext, PhaseDeadline
 from ._detect import SOCKS4_REJECTED, detect
 from ._detect import Protocol as Detected
+from ._interfaces import IStreamTransport
 from ._passthrough import LocalAPIPassthrough
 from ._peercred import peerCredentials
 from ._record import ConnectionRecord, Outcome
@@ -38,7 +39,7 @@ class MuxFactory(Factory):
     def __init__(self, context: ConnectionContext) -> None:
         self.context = context
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
         # Who is calling is only known once the transport exists: the limits are
         # applied in MuxProtocol.connectionMade.
         return MuxProtocol(self.context)
@@ -51,6 +52,8 @@ def _requestTarget(buffered: bytes) -> bytes:
 
 class MuxProtocol(Protocol):
     """Owns a new connection until its first bytes show its protocol."""
+
+    transport: IStreamTransport
 
     def __init__(self, context: ConnectionContext) -> None:
         self._context = context

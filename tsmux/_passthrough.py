@@ -13,7 +13,7 @@ from ._context import ConnectionContext, UpstreamWait, clientGone, heldEOF, rela
 from ._dialfilter import DialFilterRelay
 from ._errors import failureReason
 from ._http import buildSimpleResponse
-from ._interfaces import IUpstream
+from ._interfaces import IStreamTransport, IUpstream
 from ._record import ConnectionRecord, Outcome
 from ._upstream import HeldConnection
 
@@ -28,6 +28,8 @@ class LocalAPIPassthrough(Protocol):
     work.  Only for callers whose LocalAPI C{dial} tsmux refuses are request
     heads framed (L{DialFilterRelay}).
     """
+
+    transport: IStreamTransport
 
     def __init__(self, context: ConnectionContext, record: ConnectionRecord) -> None:
         self._context = context
@@ -46,7 +48,7 @@ class LocalAPIPassthrough(Protocol):
             return
         self._dialRefusal = self._context.policy.localAPIDialRefusal(peer)
         self.record.access = "passthrough" if self._dialRefusal is None else "dial-filter"
-        self._wait = UpstreamWait(self.record, self.transport, self._ready, self._failed)
+        self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
         connecting = self._context.localapi.connect(peer, HeldConnection())
         self._wait.begin(connecting)  # type: ignore[arg-type]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-from typing import Any
+from typing import Any, cast
 
 from twisted.application import service
 from twisted.internet import defer
@@ -23,7 +23,7 @@ from ._config import Config, Options
 from ._context import ConnectionContext
 from ._dialers import DirectDialer, LocalAPIDialer, SOCKS5Dialer
 from ._errors import failureReason
-from ._interfaces import IDialer
+from ._interfaces import IDialer, IStreamTransport
 from ._limits import ConnectionLimits, raiseFileLimit
 from ._listen import (
     StartupError,
@@ -156,7 +156,7 @@ class TsmuxService(service.Service):
         connecting = quietConnect(endpoint, Protocol())
 
         def reachable(protocol: Protocol) -> None:
-            protocol.transport.loseConnection()
+            cast(IStreamTransport, protocol.transport).loseConnection()
             self.health.succeeded()
 
         def unreachable(failure: Failure) -> None:

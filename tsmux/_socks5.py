@@ -20,7 +20,7 @@ the caller's job (L{tsmux._errors} imports this module, not the reverse).
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -63,7 +63,6 @@ class Reply(IntEnum):
     TTL_EXPIRED = 0x06
     COMMAND_NOT_SUPPORTED = 0x07
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
-
 
 
 """Returned by a parser when the bytes so far are a valid but incomplete message."""
@@ -168,18 +167,16 @@ def encodeAddress(host: str) -> tuple[AddressType, bytes]:
     Encode C{host} as an address field: IP literals as such, anything else
     as a domain name (so MagicDNS names travel unresolved).
     """
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        address = None
-    if address is None:
-        encoded = host.encode("idna") if not host.isascii() else host.encode("ascii")
-        if not 1 <= len(encoded) <= 255:
-            raise ValueError(f"a SOCKS5 domain name is 1 to 255 bytes, not {len(encoded)}")
-        return AddressType.DOMAIN, bytes([len(encoded)]) + encoded
-    if address.version == 4:
-        return AddressType.IPV4, address.packed
-    return AddressType.IPV6, address.packed
+    # inet_pton rather than ipaddress: the same literals, at a fraction of the cost per connection.
+    for family, addressType in ((socket.AF_INET, AddressType.IPV4), (socket.AF_INET6, AddressType.IPV6)):
+        try:
+            return addressType, socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+    encoded = host.encode("idna") if not host.isascii() else host.encode("ascii")
+    if not 1 <= len(encoded) <= 255:
+        raise ValueError(f"a SOCKS5 domain name is 1 to 255 bytes, not {len(encoded)}")
+    return AddressType.DOMAIN, bytes([len(encoded)]) + encoded
 
 
 def _buildAddressed(first: int, host: str, port: int) -> bytes:
@@ -265,12 +262,12 @@ def _parseAddressed(data: bytes, what: str) -> tuple[int, AddressType, str, int,
         end = 4 + 4
         if len(data) < end + 2:
             return None
-        host = str(ipaddress.IPv4Address(data[4:end]))
+        host = socket.inet_ntop(socket.AF_INET, data[4:end])
     elif rawType == AddressType.IPV6:
         end = 4 + 16
         if len(data) < end + 2:
             return None
-        host = str(ipaddress.IPv6Address(data[4:end]))
+        host = socket.inet_ntop(socket.AF_INET6, data[4:end])
     elif rawType == AddressType.DOMAIN:
         if len(data) < 5:
             return None
@@ -543,7 +540,8 @@ class SOCKS5ClientCodec:
         self._buffer += data
         events: list[ClientEvent] = []
         try:
-            while self.state != "done" and self._step(events):
+            # mypy narrows self.state above and cannot see that _step changes it.
+            while self.state != "done" and self._step(events):  # type: ignore[comparison-overlap]
                 pass
         except SOCKS5ProtocolError as error:
             events.append(self._finish(ProtocolViolation(str(error))))

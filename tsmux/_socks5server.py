@@ -10,7 +10,7 @@ from zope.interface import implementer
 
 from ._context import ConnectionContext, PhaseDeadline, UpstreamWait, clientGone, heldEOF
 from ._errors import dialErrorFromFailure
-from ._interfaces import IUpstream
+from ._interfaces import IStreamTransport, IUpstream
 from ._record import ConnectionRecord, Outcome
 from ._socks5 import (
     Close,
@@ -36,6 +36,8 @@ class SOCKS5ServerProtocol(Protocol):
     it, and its request gets reply 02), so it cannot use tsmux to test
     passwords.
     """
+
+    transport: IStreamTransport
 
     def __init__(self, context: ConnectionContext, record: ConnectionRecord, deadline: PhaseDeadline) -> None:
         self._context = context
@@ -109,10 +111,10 @@ class SOCKS5ServerProtocol(Protocol):
             self.record.finish(Outcome.REFUSED, self._decision.reason)
             self.transport.loseConnection()
             return
-        self._wait = UpstreamWait(self.record, self.transport, self._ready, self._failed)
+        self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
         if event.buffered:
             self._wait.pending.hold(event.buffered)  # optimistic data, counted as it came
-        self._wait.begin(self._context.dial(self.record, request.host, request.port))
+        self._context.dial(self._wait, request.host, request.port)
 
     def _ready(self, upstream: IUpstream) -> None:
         bound = upstream.transport.getHost()

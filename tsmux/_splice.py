@@ -31,6 +31,7 @@ class RelaySide(Protocol):
 
     transport: Any
     bytesReceived: int
+    readDone: bool
 
 
 PIPE_SIZE = 1024 * 1024
@@ -44,7 +45,7 @@ def canSplice(transport: Any) -> bool:
     return (
         hasattr(os, "splice")
         and isinstance(transport, tcp.Connection)
-        and transport.connected
+        and bool(transport.connected)  # an int in Twisted
         and not transport.disconnecting
         and not transport._writeDisconnecting
         and not getattr(transport, "TLS", False)

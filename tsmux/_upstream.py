@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -20,7 +20,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._errors import DialError, DialTimeout, HostUnreachable, dialErrorFromFailure
-from ._interfaces import IUpstream
+from ._interfaces import IStreamTransport, IUpstream
 from ._relay import switchProtocol
 
 _P = TypeVar("_P", bound=IProtocol)
@@ -76,7 +76,8 @@ class OneShotFactory(Factory):
     def __init__(self, protocol: IProtocol) -> None:
         self._protocol = protocol
 
-    def buildProtocol(self, addr: IAddress) -> IProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        # Any: the IProtocol it was given, where Factory's annotation asks for a Protocol.
         return self._protocol
 
 
@@ -91,6 +92,8 @@ class HeldConnection(Protocol):
     Owns a freshly connected transport until somebody L{attach}es, holding
     what arrives meanwhile (bytes, EOF, loss) so it can be replayed.
     """
+
+    transport: IStreamTransport
 
     def __init__(self) -> None:
         self._held: list[bytes] = []
