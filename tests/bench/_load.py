@@ -18,7 +18,10 @@ Workloads (subcommands):
       Latency is per connection, from C{socket()} to the echo's last byte.
     - C{held}: warm up, read the RSS of C{--pids}, open C{--count} connections (C{--concurrency} at a
       time) and keep them, one echo on each, read the RSS again, close them all, read it once more.
-    - C{http}: C{--count} C{GET}s of C{--path} on one keep-alive connection to a Unix socket.
+    - C{http}: C{--count} C{GET}s of C{--path} on one keep-alive connection to a Unix socket. Given
+      C{--connect} more than once, one keep-alive connection to each, the requests taking turns (one on
+      each, in an order that rotates), so that every path is measured under the same background load:
+      the difference between two paths' latencies is then far steadier than from separate runs.
 """
 
 from __future__ import annotations
@@ -618,6 +621,43 @@ def readResponse(reader: _Reader) -> tuple[int, int]:
     raise BenchError(f"response without framing: {headers!r}")
 
 
+def httpInterleaved(connects: list[str], path: str, count: int) -> dict[str, Any]:
+    """C{count} requests on each of C{connects}, taking turns; one result per address under C{paths}."""
+    socks: list[socket.socket] = []
+    try:
+        for connect in connects:
+            family, address = parseAddress(connect)
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.connect(address)
+        request = f"GET {path} HTTP/1.1\r\nHost: {LOCALAPI_HOST}\r\n\r\n".encode()
+        readers = [_Reader(sock) for sock in socks]
+        latencies: list[list[float]] = [[] for _ in connects]
+        bodies = [0] * len(connects)
+        n = len(connects)
+        start = time.perf_counter()
+        for i in range(count):
+            for j in range(n):
+                k = (i + j) % n
+                t0 = time.perf_counter()
+                socks[k].sendall(request)
+                status, bodies[k] = readResponse(readers[k])
+                latencies[k].append(time.perf_counter() - t0)
+                if status != 200:
+                    raise BenchError(f"{path} via {connects[k]} answered {status}")
+        seconds = time.perf_counter() - start
+    finally:
+        for sock in socks:
+            sock.close()
+    paths: dict[str, Any] = {}
+    for k, connect in enumerate(connects):
+        spent = sum(latencies[k])
+        entry: dict[str, Any] = {"count": count, "seconds": spent, "req_s": count / spent, "body_bytes": bodies[k]}
+        entry.update(_stats(latencies[k]))
+        paths[connect] = entry
+    return {"count": count, "seconds": seconds, "interleaved": True, "paths": paths}
+
+
 def http(connect: str, path: str, count: int) -> dict[str, Any]:
     family, address = parseAddress(connect)
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -679,7 +719,7 @@ def main(argv: list[str]) -> int:
             p.add_argument("--pids", default="", help="comma-separated pids whose RSS to read")
             p.add_argument("--settle", type=float, default=0.5)
     p = sub.add_parser("http")
-    p.add_argument("--connect", required=True)
+    p.add_argument("--connect", required=True, action="append", help="unix:/path; repeat to interleave paths")
     p.add_argument("--path", default="/localapi/v0/status")
     p.add_argument("--count", type=int, required=True)
     options = parser.parse_args(argv)
@@ -709,8 +749,10 @@ def main(argv: list[str]) -> int:
                 options.settle,
                 options.timeout,
             )
+        elif len(options.connect) == 1:
+            result = http(options.connect[0], options.path, options.count)
         else:
-            result = http(options.connect, options.path, options.count)
+            result = httpInterleaved(options.connect, options.path, options.count)
     except (OSError, BenchError) as e:
         sys.stdout.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
         return 1

@@ -16,35 +16,136 @@ LABELS = {
     "a": "(a) tsmux, LocalAPI dialer",
     "b": "(b) tsmux, direct dialer",
     "g": "(g) tsmux, socks5: dialer → (c)",
+    "i": "(i) bare Twisted relay, LocalAPI dialer",
+    "i-cu": "(i-cu) bare Twisted relay, LocalAPI, connectUNIX",
+    "i-direct": "(i-direct) bare Twisted relay, direct dialer",
+    "h": "(h) Go relay Unix → (c)",
     "c": "(c) tailscaled SOCKS5 (TCP)",
     "d": "(d) ts-dial to LocalAPI, no tsmux",
     "e": "(e) socat Unix → (c)",
     "f": "(f) no proxy (floor)",
 }
+ORDER = tuple(LABELS)
 HTTP_LABELS = {
     "tailscaled": "tailscaled's LocalAPI socket",
     "a": "through tsmux (a)",
     "socat": "through socat (Unix → LocalAPI)",
 }
 # Whose CPU a contender's relay costs (see Bench.cpuPids).
-RELAY_CPU = {"a": "tsmux_a", "b": "tsmux_b", "g": "tsmux_g", "e": "socat"}
+RELAY_CPU = {
+    "a": "tsmux_a",
+    "b": "tsmux_b",
+    "g": "tsmux_g",
+    "i": "bare_i",
+    "i-cu": "bare_i-cu",
+    "i-direct": "bare_i-direct",
+    "h": "gorelay",
+    "e": "socat",
+}
+# Contenders whose held-connection RSS is their own process's (the others': tailscaled's).
+OWN_RSS = ("a", "b", "i", "i-cu", "i-direct")
+CPU_CONN = "cpu_conn_relay_us_per_conn"
+CPU_CONN_TS = "cpu_conn_tailscaled_us_per_conn"
 
-# (name, numerator, denominator, metric, comparison, goal): the issue's targets.
-RATIO_TARGETS = [
-    ("Bulk download (a)/(d)", "a", "d", "download", ">=", 0.8),
-    ("Bulk download (a)/(e)", "a", "e", "download", ">=", 1.5),
-    ("Bulk download (b)/(c)", "b", "c", "download", ">=", 0.7),
-    ("Connections/s (a)/(c)", "a", "c", "conn_s", ">=", 0.9),
-    ("p99 connection latency (a)/(c)", "a", "c", "p99_ms", "<=", 1.2),
-]
-INFO_RATIOS = [
-    ("Bulk upload (a)/(d)", "a", "d", "upload"),
-    ("Bulk upload (a)/(e)", "a", "e", "upload"),
-    ("Bulk upload (b)/(c)", "b", "c", "upload"),
-    ("Connections/s (b)/(c)", "b", "c", "conn_s"),
-    ("Connections/s (a)/(d)", "a", "d", "conn_s"),
-    ("p50 connection latency (a)/(c)", "a", "c", "p50_ms"),
-]
+# A ratio: (name, (subject, metric) numerator, (subject, metric) denominator[, comparison, goal]).
+# A subject is a contender key ("a"), with "@UID" for a run whose client was that uid ("a@65534"), or
+# "http:PATH" / "http@UID:PATH" for the LocalAPI passthrough.
+Side = tuple[str, str]
+
+
+def workloadName(base: str, uid: int = 0) -> str:
+    """C{rate}, C{http} for the benchmark's own (root) client; C{rate@UID}, C{http@UID} for another uid."""
+    return base if uid == 0 else f"{base}@{uid}"
+
+
+def _who(uid: int | None) -> tuple[str, str]:
+    """(subject suffix, label suffix) for a client uid (None: root, the benchmark's own)."""
+    return ("", "") if uid is None else (f"@{uid}", f", client uid {uid}")
+
+
+def targetSpecs(uids: list[int]) -> list[tuple[str, Side, Side, str, float]]:
+    """The targets of the setup-path issue, each a ratio to a reference measured in the same round."""
+    specs: list[tuple[str, Side, Side, str, float]] = []
+    for uid in [None, *uids]:
+        sfx, who = _who(uid)
+        specs.append(
+            (
+                f"CPU per SOCKS5 connection, LocalAPI dialer (a)/(i){who}",
+                ("a" + sfx, CPU_CONN),
+                ("i" + sfx, CPU_CONN),
+                "<=",
+                1.25,
+            )
+        )
+        specs.append(
+            (
+                f"CPU per SOCKS5 connection, direct dialer (b)/(i-direct){who}",
+                ("b" + sfx, CPU_CONN),
+                ("i-direct" + sfx, CPU_CONN),
+                "<=",
+                1.25,
+            )
+        )
+    for uid in [None, *uids]:
+        sfx, who = _who(uid)
+        specs.append(
+            (
+                f"LocalAPI passthrough: added p50, tsmux/socat{who}",
+                (f"http{sfx}:a", "added_p50_ms"),
+                (f"http{sfx}:socat", "added_p50_ms"),
+                "<=",
+                2.0,
+            )
+        )
+    specs.append(("Bulk download (a)/(d)", ("a", "download"), ("d", "download"), ">=", 0.85))
+    specs.append(("Bulk download (b)/(c)", ("b", "download"), ("c", "download"), ">=", 1.0))
+    return specs
+
+
+def infoSpecs(uids: list[int]) -> list[tuple[str, Side, Side]]:
+    specs: list[tuple[str, Side, Side]] = []
+    for uid in [None, *uids]:
+        sfx, who = _who(uid)
+        specs.append(
+            (f"CPU per connection (a) / tailscaled's in (c){who}", ("a" + sfx, CPU_CONN), ("c" + sfx, CPU_CONN_TS))
+        )
+        specs.append(
+            (f"CPU per connection (b) / tailscaled's in (c){who}", ("b" + sfx, CPU_CONN), ("c" + sfx, CPU_CONN_TS))
+        )
+        specs.append(
+            (f"CPU per connection (i) / tailscaled's in (c){who}", ("i" + sfx, CPU_CONN), ("c" + sfx, CPU_CONN_TS))
+        )
+        specs.append(
+            (
+                f"CPU per connection (i-direct) / tailscaled's in (c){who}",
+                ("i-direct" + sfx, CPU_CONN),
+                ("c" + sfx, CPU_CONN_TS),
+            )
+        )
+    for uid in uids:
+        sfx, _ = _who(uid)
+        specs.append((f"CPU per connection (a), client uid {uid} / root", ("a" + sfx, CPU_CONN), ("a", CPU_CONN)))
+        specs.append((f"CPU per connection (b), client uid {uid} / root", ("b" + sfx, CPU_CONN), ("b", CPU_CONN)))
+    specs += [
+        ("CPU per connection (i-cu) connectUNIX / (i) adopted", ("i-cu", CPU_CONN), ("i", CPU_CONN)),
+        ("CPU per connection (h) Go relay / tailscaled's in (c)", ("h", CPU_CONN), ("c", CPU_CONN_TS)),
+        ("Connections/s (h)/(a)", ("h", "conn_s"), ("a", "conn_s")),
+        ("Connections/s (h)/(b)", ("h", "conn_s"), ("b", "conn_s")),
+        ("Connections/s (i)/(a)", ("i", "conn_s"), ("a", "conn_s")),
+        ("Connections/s (a)/(c)", ("a", "conn_s"), ("c", "conn_s")),
+        ("Connections/s (b)/(c)", ("b", "conn_s"), ("c", "conn_s")),
+        ("Connections/s (h)/(c)", ("h", "conn_s"), ("c", "conn_s")),
+        ("Connections/s (a)/(d)", ("a", "conn_s"), ("d", "conn_s")),
+        ("p50 connection latency (a)/(c)", ("a", "p50_ms"), ("c", "p50_ms")),
+        ("p99 connection latency (a)/(c)", ("a", "p99_ms"), ("c", "p99_ms")),
+        ("Bulk download (a)/(e)", ("a", "download"), ("e", "download")),
+        ("Bulk download (h)/(c)", ("h", "download"), ("c", "download")),
+        ("Bulk download (i)/(d)", ("i", "download"), ("d", "download")),
+        ("Bulk upload (a)/(d)", ("a", "upload"), ("d", "upload")),
+        ("Bulk upload (a)/(e)", ("a", "upload"), ("e", "upload")),
+        ("Bulk upload (b)/(c)", ("b", "upload"), ("c", "upload")),
+    ]
+    return specs
 
 
 def _ok(result: dict[str, Any] | None) -> bool:
@@ -70,79 +171,89 @@ def _perConnKiB(result: dict[str, Any], pid: Any) -> float | None:
 def summarize(record: dict[str, Any]) -> dict[str, Any]:
     """Per-round metric values, their medians, the targets and the CPU cost, as one JSON-able dict."""
     rounds = record["parameters"]["rounds"]
+    uids = [int(u) for u in record["parameters"].get("client_uids", [])]
     found: dict[tuple[str, str, int], dict[str, Any]] = {}
     for m in record.get("measurements", []):
         found[(m["workload"], m["contender"], m["round"])] = m["result"]
 
-    # metrics[contender][metric] = [value per round, None where missing]
+    # metrics[subject][metric] = [value per round, None where missing]
     metrics: dict[str, dict[str, list[float | None]]] = {}
 
-    def put(contender: str, metric: str, r: int, value: float | None) -> None:
-        metrics.setdefault(contender, {}).setdefault(metric, [None] * rounds)[r] = value
+    def put(subject: str, metric: str, r: int, value: float | None) -> None:
+        metrics.setdefault(subject, {}).setdefault(metric, [None] * rounds)[r] = value
 
     for (workload, contender, r), result in found.items():
         if not _ok(result):
             continue
-        if workload == "bulk-down":
+        base, _, uid = workload.partition("@")
+        sfx = f"@{uid}" if uid else ""
+        if base == "bulk-down":
             put(contender, "download", r, result["mib_s"])
-        elif workload == "bulk-up":
+        elif base == "bulk-up":
             put(contender, "upload", r, result["mib_s"])
-        elif workload == "rate":
+        elif base == "rate":
+            subject = contender + sfx
             if result.get("ok"):
-                put(contender, "conn_s", r, result["conn_s"])
-                put(contender, "p50_ms", r, result["p50_ms"])
-                put(contender, "p99_ms", r, result["p99_ms"])
-            put(contender, "conn_errors", r, result.get("errors", 0))
-        elif workload == "held":
+                put(subject, "conn_s", r, result["conn_s"])
+                put(subject, "p50_ms", r, result["p50_ms"])
+                put(subject, "p99_ms", r, result["p99_ms"])
+            put(subject, "conn_errors", r, result.get("errors", 0))
+        elif base == "held":
             put(contender, "held_kib_per_conn", r, _perConnKiB(result, result.get("subject_pid")))
-            if contender in ("a", "b"):
+            if contender in OWN_RSS:
                 put(contender, "tailscaled_kib_per_conn", r, _perConnKiB(result, result.get("tailscaled_pid")))
             put(contender, "held_errors", r, result.get("errors", 0))
-        elif workload == "http":
-            put("http:" + contender, "req_s", r, result["req_s"])
-            put("http:" + contender, "p50_ms", r, result["p50_ms"])
-            put("http:" + contender, "p99_ms", r, result["p99_ms"])
+        elif base == "http":
+            subject = f"http{sfx}:{contender}"
+            put(subject, "req_s", r, result["req_s"])
+            put(subject, "p50_ms", r, result["p50_ms"])
+            put(subject, "p99_ms", r, result["p99_ms"])
 
-    # Passthrough: added p50 per round, against tailscaled's own socket.
-    for path in ("a", "socat"):
-        for r in range(rounds):
-            own = metrics.get("http:" + path, {}).get("p50_ms", [None] * rounds)[r]
-            base = metrics.get("http:tailscaled", {}).get("p50_ms", [None] * rounds)[r]
-            if own is not None and base is not None:
-                put("http:" + path, "added_p50_ms", r, own - base)
+    # Passthrough: added p50 per round, against tailscaled's own socket (by the same client uid).
+    for uid in [None, *uids]:
+        sfx, _ = _who(uid)
+        for path in ("a", "socat"):
+            for r in range(rounds):
+                own = metrics.get(f"http{sfx}:{path}", {}).get("p50_ms", [None] * rounds)[r]
+                base = metrics.get(f"http{sfx}:tailscaled", {}).get("p50_ms", [None] * rounds)[r]
+                if own is not None and base is not None:
+                    put(f"http{sfx}:{path}", "added_p50_ms", r, own - base)
 
     # CPU: seconds per GiB moved in bulk download, microseconds per connection in the rate workload.
     for (workload, contender, r), result in found.items():
-        if not _ok(result) or workload not in ("bulk-down", "rate"):
+        base, _, uid = workload.partition("@")
+        if not _ok(result) or base not in ("bulk-down", "rate"):
             continue
+        subject = contender + (f"@{uid}" if uid else "")
         cpu = result.get("server_cpu_s", {})
-        if workload == "bulk-down":
+        if base == "bulk-down":
             scale, suffix = GIB / result["bytes"], "s_per_gib"
         else:
             if not result.get("ok"):
                 continue
             scale, suffix = 1e6 / result["ok"], "us_per_conn"
-        prefix = "cpu_down_" if workload == "bulk-down" else "cpu_conn_"
+        prefix = "cpu_down_" if base == "bulk-down" else "cpu_conn_"
         if contender in RELAY_CPU and RELAY_CPU[contender] in cpu:
-            put(contender, prefix + "relay_" + suffix, r, cpu[RELAY_CPU[contender]] * scale)
+            put(subject, prefix + "relay_" + suffix, r, cpu[RELAY_CPU[contender]] * scale)
         if "tailscaled" in cpu:
-            put(contender, prefix + "tailscaled_" + suffix, r, cpu["tailscaled"] * scale)
+            put(subject, prefix + "tailscaled_" + suffix, r, cpu["tailscaled"] * scale)
         if "targets" in cpu:
-            put(contender, prefix + "target_" + suffix, r, cpu["targets"] * scale)
+            put(subject, prefix + "target_" + suffix, r, cpu["targets"] * scale)
         if "client_cpu_s" in result:
-            put(contender, prefix + "client_" + suffix, r, result["client_cpu_s"] * scale)
+            put(subject, prefix + "client_" + suffix, r, result["client_cpu_s"] * scale)
 
     medians = {
-        contender: {metric: _median([v for v in values if v is not None]) for metric, values in byMetric.items()}
-        for contender, byMetric in metrics.items()
+        subject: {metric: _median([v for v in values if v is not None]) for metric, values in byMetric.items()}
+        for subject, byMetric in metrics.items()
     }
 
-    def ratios(num: str, den: str, metric: str) -> list[float]:
-        a = metrics.get(num, {}).get(metric, [])
-        b = metrics.get(den, {}).get(metric, [])
-        return [x / y for x, y in zip(a, b, strict=False) if x is not None and y]
+    def ratios(num: Side, den: Side) -> list[float]:
+        """Per-round ratios; a round without a positive denominator (an added latency can be ≤ 0) is left out."""
+        a = metrics.get(num[0], {}).get(num[1], [])
+        b = metrics.get(den[0], {}).get(den[1], [])
+        return [x / y for x, y in zip(a, b, strict=False) if x is not None and y is not None and y > 0]
 
-    def target(name: str, goal: str, op: str, threshold: float, values: list[float], unit: str) -> dict[str, Any]:
+    def target(name: str, op: str, threshold: float, values: list[float], unit: str) -> dict[str, Any]:
         median = _median(values)
         met = None if median is None else (median >= threshold if op == ">=" else median <= threshold)
         return {
@@ -156,17 +267,14 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
             "met": met,
         }
 
-    targets = [
-        target(name, "", op, goal, ratios(num, den, metric), "×") for name, num, den, metric, op, goal in RATIO_TARGETS
-    ]
+    targets = [target(name, op, goal, ratios(num, den), "×") for name, num, den, op, goal in targetSpecs(uids)]
     heldValues = [v for v in metrics.get("a", {}).get("held_kib_per_conn", []) if v is not None]
-    targets.append(target("tsmux (a) RSS per held relayed connection", "", "<=", 6, heldValues, " KiB"))
-    addedValues = [v for v in metrics.get("http:a", {}).get("added_p50_ms", []) if v is not None]
-    targets.append(target("LocalAPI passthrough: added p50 per request", "", "<=", 0.1, addedValues, " ms"))
+    targets.append(target("tsmux (a) RSS per held relayed connection", "<=", 4, heldValues, " KiB"))
     info = []
-    for name, num, den, metric in INFO_RATIOS:
-        values = ratios(num, den, metric)
-        info.append({"name": name, "per_round": values, "median": _median(values)})
+    for name, num, den in infoSpecs(uids):
+        values = ratios(num, den)
+        if values:
+            info.append({"name": name, "per_round": values, "median": _median(values)})
     return {"per_round": metrics, "medians": medians, "targets": targets, "info_ratios": info}
 
 
@@ -207,6 +315,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
     p = record["parameters"]
     machine = record.get("machine", {})
     medians: dict[str, dict[str, float | None]] = summary["medians"]
+    uids = [int(u) for u in p.get("client_uids", [])]
     out: list[str] = []
     out.append(
         f"tsmux benchmark, {record['started'][:10]}, commit {record.get('git', {}).get('describe', '?')}, "
@@ -218,15 +327,26 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         f"{p['connections']} connections at concurrency {p['concurrency']}; {p['held']} held connections; "
         f"{p['requests']} LocalAPI requests on one keep-alive connection. Run took {record.get('duration_s', 0):.0f} s."
     )
+    if uids:
+        out.append(
+            "Connection rate and LocalAPI passthrough also with the client as uid "
+            + ", ".join(str(u) for u in uids)
+            + "; every other figure with the client as root."
+        )
+    tsmuxFrom = p.get("tsmux_from")
+    if tsmuxFrom and record.get("git", {}).get("root") not in (None, tsmuxFrom):
+        out.append(f"tsmux run from {tsmuxFrom}, not the working tree.")
+    for what, why in p.get("skipped", {}).items():
+        out.append(f"Skipped {'(h)' if what == 'h' else what}: {why}")
     if record.get("failure"):
         out.append(f"**The run stopped early: {record['failure']}**")
     out.append("")
 
-    def m(contender: str, metric: str) -> float | None:
-        return medians.get(contender, {}).get(metric)
+    def m(subject: str, metric: str) -> float | None:
+        return medians.get(subject, {}).get(metric)
 
     rows = []
-    for key in ("a", "b", "g", "c", "d", "e", "f"):
+    for key in ORDER:
         if key not in medians:
             continue
         errors = m(key, "conn_errors")
@@ -242,7 +362,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
                 conn,
                 _fmt(m(key, "p50_ms"), 2),
                 _fmt(m(key, "p99_ms"), 2),
-                _fmt(kib, 1) + (" (tailscaled)" if key in ("c", "d") and kib is not None else ""),
+                _fmt(kib, 1) + (" (tailscaled)" if key not in OWN_RSS and kib is not None else ""),
             ]
         )
     out += _table(
@@ -252,20 +372,50 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
     )
     out.append("")
 
+    for uid in uids:
+        rows = []
+        for key in ORDER:
+            subject = f"{key}@{uid}"
+            if subject not in medians:
+                continue
+            errors = m(subject, "conn_errors")
+            conn = _fmt(m(subject, "conn_s"))
+            if errors:
+                conn += f" ({errors:.0f} err)"
+            rows.append(
+                [
+                    LABELS[key],
+                    conn,
+                    _fmt(m(subject, "p50_ms"), 2),
+                    _fmt(m(subject, "p99_ms"), 2),
+                    _fmt(m(subject, CPU_CONN)) if key in RELAY_CPU else "",
+                    _fmt(m(subject, CPU_CONN_TS)),
+                ]
+            )
+        if rows:
+            out += _table(
+                [f"client as uid {uid}", "conn/s", "p50 ms", "p99 ms", "relay CPU µs/conn", "tailscaled µs/conn"],
+                rows,
+                "lrrrrr",
+            )
+            out.append("")
+
     rows = []
-    for key in ("tailscaled", "a", "socat"):
-        name = "http:" + key
-        if name not in medians:
-            continue
-        rows.append(
-            [
-                HTTP_LABELS[key],
-                _fmt(m(name, "req_s")),
-                _fmt(m(name, "p50_ms"), 3),
-                _fmt(m(name, "p99_ms"), 3),
-                "–" if key == "tailscaled" else _fmt(m(name, "added_p50_ms"), 3),
-            ]
-        )
+    for uid in [None, *uids]:
+        sfx, who = _who(uid)
+        for key in ("tailscaled", "a", "socat"):
+            name = f"http{sfx}:{key}"
+            if name not in medians:
+                continue
+            rows.append(
+                [
+                    (f"through socat connecting as uid {uid}" if key == "socat" and uid else HTTP_LABELS[key]) + who,
+                    _fmt(m(name, "req_s")),
+                    _fmt(m(name, "p50_ms"), 3),
+                    _fmt(m(name, "p99_ms"), 3),
+                    "–" if key == "tailscaled" else _fmt(m(name, "added_p50_ms"), 3),
+                ]
+            )
     if rows:
         out += _table(
             ["GET /localapi/v0/status", "requests/s", "p50 ms", "p99 ms", "added p50 ms"],
@@ -281,13 +431,17 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         spread = "–" if t["min"] is None else f"{t['min']:.{digits}f} – {t['max']:.{digits}f}"
         status = {True: "met", False: "**not met**", None: "n/a"}[t["met"]]
         rows.append([t["name"], t["goal"], measured, spread, status])
-    out += _table(["target (issue 4)", "goal", "median", "range over rounds", "status"], rows, "llrrl")
+    out += _table(["target (issue 10)", "goal", "median", "range over rounds", "status"], rows, "llrrl")
     out.append("")
 
     rows = []
     for i in summary["info_ratios"]:
         if i["median"] is not None:
             rows.append([i["name"], f"{i['median']:.2f}×"])
+    for key in ("b", "i"):
+        kib = m(key, "held_kib_per_conn")
+        if kib is not None:
+            rows.append([f"{LABELS[key]}: RSS per held relayed connection", f"{kib:.1f} KiB"])
     kibTs = m("a", "tailscaled_kib_per_conn")
     if kibTs is not None:
         rows.append(["tailscaled RSS per connection held through (a)", f"{kibTs:.1f} KiB"])
@@ -296,7 +450,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         out.append("")
 
     rows = []
-    for key in ("a", "b", "g", "c", "d", "e", "f"):
+    for key in ORDER:
         if key not in medians:
             continue
         rows.append(
@@ -305,8 +459,8 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
                 _fmt(m(key, "cpu_down_relay_s_per_gib"), 2) if key in RELAY_CPU else "",
                 _fmt(m(key, "cpu_down_tailscaled_s_per_gib"), 2),
                 _fmt(m(key, "cpu_down_client_s_per_gib"), 2),
-                _fmt(m(key, "cpu_conn_relay_us_per_conn")) if key in RELAY_CPU else "",
-                _fmt(m(key, "cpu_conn_tailscaled_us_per_conn")),
+                _fmt(m(key, CPU_CONN)) if key in RELAY_CPU else "",
+                _fmt(m(key, CPU_CONN_TS)),
             ]
         )
     out += _table(

@@ -14,6 +14,12 @@ C{--socks5-server=127.0.0.1:PORT}), then, inside that namespace through nsenter,
     - (d) no relay: the client speaks C{ts-dial} to tailscaled's LocalAPI itself;
     - (e) socat relaying a Unix socket to (c) (inside the namespace: it must reach (c));
     - (g) tsmux, C{--dialer socks5:tcp:...} chained to (c); inside the namespace, like (b);
+    - (i) a bare Twisted SOCKS5 relay (L{tests.bench._barerelay}: handshake, dial, relay with producers;
+      no log, credentials, timers or limits), LocalAPI dialer, upstream socket connected at once and
+      adopted; (i-cu) the same through C{connectUNIX}; (i-direct) the same with the direct dialer, inside
+      the namespace like (b). The reference for what tsmux's own work costs over Twisted's;
+    - (h) the workaround's Go relay (L{tests.bench} C{gorelay.go}: a Unix socket copied to (c) with
+      C{io.Copy} both ways), built here with Debian's golang-go; inside the namespace like (e);
     - (f) no proxy: the client connects to the target directly (the floor, and the proof that the
       load generator is not the bottleneck).
 
@@ -21,6 +27,14 @@ The load generator (L{tests.bench._load}) always runs inside the namespace, one 
 measurement, so every contender is driven by the same client from the same place. Rounds interleave
 the contenders (the order rotates each round) and every figure in the table is a median over rounds;
 ratios are computed within a round, then their median is taken.
+
+The connection-rate and LocalAPI workloads also run with the client as another uid (C{--client-uids},
+by default 0 and 65534, through C{setpriv}), so that what tsmux does per caller (it connects to
+tailscaled as each caller, switching its ids around the connect) is counted; the sockets are then
+made mode 0666 so that uid may connect.
+
+CPU time is read per process from C{/proc/PID/task/*/schedstat} (nanoseconds, every thread), or from
+C{/proc/PID/stat} (clock ticks) for socat, whose per-connection children count too.
 
 Every process started here is stopped by its pid at the end (and gets PR_SET_PDEATHSIG, so none
 outlives a crashed run).
@@ -31,6 +45,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -50,10 +65,19 @@ from tests._tailscale_binaries import TAILSCALE_VERSION, defaultCacheDir, fetchT
 from tests.bench import _report
 
 MIB = 1024 * 1024
-CONTENDERS = ("a", "b", "g", "c", "d", "e", "f")
+CONTENDERS = ("a", "b", "g", "i", "i-cu", "i-direct", "h", "c", "d", "e", "f")
 WORKLOADS = ("bulk", "rate", "held", "http")
-HELD_CONTENDERS = ("a", "b", "c", "d")
+HELD_CONTENDERS = ("a", "b", "i", "c", "d")
 HTTP_PATHS = ("tailscaled", "a", "socat")
+# Run again with the client as a non-root uid: those the targets compare, and (c) for reference.
+OTHER_UID_RATE_CONTENDERS = ("a", "b", "i", "i-direct", "c")
+# The bare Twisted relays (contender i): key -> (dialer, how the upstream is connected, inside the namespace).
+BARE = {
+    "i": ("localapi", "adopt", False),
+    "i-cu": ("localapi", "twisted", False),
+    "i-direct": ("direct", "adopt", True),
+}
+GO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gorelay.go")
 
 
 def _pdeathsig() -> Callable[[], None]:
@@ -81,7 +105,15 @@ def childEnvironment() -> dict[str, str]:
 class Child:
     """A long-lived process this benchmark started; L{stop} ends it by its pid."""
 
-    def __init__(self, name: str, argv: list[str], logPath: str, stdin: int | None = subprocess.DEVNULL) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        logPath: str,
+        stdin: int | None = subprocess.DEVNULL,
+        cwd: str = REPO_ROOT,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.logPath = logPath
@@ -91,8 +123,8 @@ class Child:
             stdin=stdin,
             stdout=subprocess.PIPE if stdin == subprocess.PIPE else self._log,
             stderr=self._log,
-            cwd=REPO_ROOT,
-            env=childEnvironment(),
+            cwd=cwd,
+            env=env if env is not None else childEnvironment(),
             preexec_fn=_pdeathsig(),
         )
         # nsenter --net execs its command (no fork without --pid), so this is the relay's own pid.
@@ -140,6 +172,26 @@ class Child:
 
 
 def cpuSeconds(pid: int, children: bool = False) -> float | None:
+    """
+    The CPU time C{pid} used, in seconds: the sum of its threads' run time from
+    C{/proc/PID/task/*/schedstat} (nanoseconds: a few hundred connections are a few clock ticks), or,
+    with C{children} (socat's per-connection processes) or without schedstat, utime+stime (and the
+    reaped children's) from C{/proc/PID/stat}, in clock ticks.
+    """
+    if not children:
+        try:
+            total = 0
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            if total:
+                return total / 1e9
+        except (OSError, ValueError, IndexError):
+            pass
+    return cpuTicksSeconds(pid, children)
+
+
+def cpuTicksSeconds(pid: int, children: bool = False) -> float | None:
     """utime+stime (and, with C{children}, the reaped children's) of C{pid}, in seconds."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -172,6 +224,102 @@ def ensureSocat(install: bool) -> str:
     return found
 
 
+def _aptInstall(package: str, why: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return False
+    print(f"bench: installing {package} ({why}) with apt-get", file=sys.stderr, flush=True)
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    command = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    if subprocess.run(command, env=env, stdout=sys.stderr).returncode != 0:
+        if subprocess.run(["apt-get", "update"], env=env, stdout=sys.stderr).returncode != 0:
+            return False
+        return subprocess.run(command, env=env, stdout=sys.stderr).returncode == 0
+    return True
+
+
+def findGo(install: bool) -> tuple[str | None, str]:
+    """C{go} for contender (h), installing Debian's golang-go if allowed: (path or None, why not)."""
+    found = shutil.which("go")
+    if found:
+        return found, ""
+    if not install:
+        return None, "go is missing (apt-get install golang-go, or drop --no-install)"
+    try:
+        installed = _aptInstall("golang-go", "contender h, the Go relay; for the benchmark only")
+    except OSError as e:
+        installed = False
+        print(f"bench: apt-get failed: {e}", file=sys.stderr)
+    found = shutil.which("go")
+    if found:
+        return found, ""
+    return None, "go is missing and golang-go could not be installed" if not installed else "go still missing"
+
+
+def buildGoRelay(go: str, workdir: str) -> tuple[str | None, str]:
+    """Build C{gorelay.go} into C{workdir} (cache and GOPATH there too, no network): (binary or None, error)."""
+    base = os.path.join(workdir, "go")
+    source = os.path.join(base, "src")
+    os.makedirs(source, exist_ok=True)
+    shutil.copyfile(GO_SOURCE, os.path.join(source, "main.go"))
+    binary = os.path.join(workdir, "gorelay")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": base,
+        "GOCACHE": os.path.join(base, "cache"),
+        "GOPATH": os.path.join(base, "path"),
+        "GOENV": "off",
+        "GOFLAGS": "",
+        "GOPROXY": "off",
+        "GO111MODULE": "",
+        "CGO_ENABLED": "0",
+    }
+    try:
+        done = subprocess.run(
+            [go, "build", "-o", binary, "main.go"], cwd=source, env=env, capture_output=True, text=True, timeout=300
+        )
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    if done.returncode != 0:
+        return None, (done.stderr or done.stdout).strip()[-2000:]
+    return binary, ""
+
+
+def clientPython(uid: int) -> tuple[str | None, str]:
+    """
+    An interpreter uid C{uid} can run the load generator with (it only needs the standard library):
+    this one if that uid can run it, else the system's python3. (None, why) if none works.
+    """
+    candidates = [sys.executable]
+    for name in ("/usr/bin/python3", shutil.which("python3")):
+        if name and name not in candidates:
+            candidates.append(name)
+    problems = []
+    for python in candidates:
+        probe = [*setprivArgv(uid), python, "-c", "import selectors, sys; print(sys.version.split()[0], sys.prefix)"]
+        try:
+            done = subprocess.run(probe, capture_output=True, text=True, timeout=30, cwd=REPO_ROOT)
+        except (OSError, subprocess.SubprocessError) as e:
+            problems.append(f"{python}: {e}")
+            continue
+        words = done.stdout.split()
+        # A venv whose base the uid cannot read starts with another libpython's standard library:
+        # run that interpreter by name instead, so it is clear which one ran.
+        if done.returncode == 0 and words:
+            if python == sys.executable and words[0] != sys.version.split()[0]:
+                problems.append(f"{python} runs as Python {words[0]} for uid {uid} (its base is unreadable)")
+                continue
+            return python, ""
+        problems.append(f"{python}: exit {done.returncode} {done.stderr.strip()[-200:]}")
+    return None, "; ".join(problems)
+
+
+def setprivArgv(uid: int) -> list[str]:
+    """Run as C{uid} (its own group, no others); empty for uid 0 (the benchmark's own)."""
+    if uid == 0:
+        return []
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
 def _run(argv: list[str], **kw: Any) -> str:
     try:
         return subprocess.run(argv, capture_output=True, text=True, timeout=30, **kw).stdout
@@ -197,7 +345,7 @@ def cpuBusy(interval: float = 1.0) -> float:
     return 1 - (idle1 - idle0) / max(1, total1 - total0)
 
 
-def machineInfo(tailscaled: str, socat: str) -> dict[str, Any]:
+def machineInfo(tailscaled: str, socat: str, go: str | None = None) -> dict[str, Any]:
     cpu = ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -229,16 +377,39 @@ def machineInfo(tailscaled: str, socat: str) -> dict[str, Any]:
         "twisted": twistedVersion,
         "tailscaled": tailscaledVersion(tailscaled),
         "socat": " ".join(_run([socat, "-V"]).splitlines()[1:2]),
+        "go": _run([go, "version"]).strip() if go else None,
         "loadavg_start": os.getloadavg(),
     }
 
 
 def gitInfo() -> dict[str, Any]:
     return {
+        "root": REPO_ROOT,
         "commit": _run(["git", "-C", REPO_ROOT, "rev-parse", "HEAD"]).strip(),
         "describe": _run(["git", "-C", REPO_ROOT, "describe", "--always", "--dirty"]).strip(),
         "dirty_files": [line[3:] for line in _run(["git", "-C", REPO_ROOT, "status", "--porcelain"]).splitlines()],
     }
+
+
+def snapshotTsmux(source: str, workdir: str) -> tuple[str, str]:
+    """
+    Copy the C{tsmux} package of C{source} into C{workdir}, so that every tsmux this run starts (the
+    held-connection workload starts fresh ones all along) runs the same code, even if the tree is edited
+    meanwhile. Returns (the directory to run tsmux from, a SHA-256 of the copied files).
+    """
+    target = os.path.join(workdir, "tsmux-src")
+    shutil.copytree(
+        os.path.join(source, "tsmux"), os.path.join(target, "tsmux"), ignore=shutil.ignore_patterns("__pycache__")
+    )
+    digest = hashlib.sha256()
+    for folder, dirs, files in sorted(os.walk(os.path.join(target, "tsmux"))):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            digest.update(os.path.relpath(path, target).encode() + b"\0")
+            with open(path, "rb") as f:
+                digest.update(f.read())
+    return target, digest.hexdigest()
 
 
 def defaultOutPath() -> str:
@@ -248,16 +419,26 @@ def defaultOutPath() -> str:
 
 
 class Bench:
-    def __init__(self, options: argparse.Namespace, workdir: str, socat: str) -> None:
+    def __init__(self, options: argparse.Namespace, workdir: str, socat: str, goRelay: str | None = None) -> None:
         self.options = options
         self.workdir = workdir
         self.socat = socat
+        self.goRelay = goRelay
         self.children: list[Child] = []
         self.tailnet = PrivateTailnet(os.path.join(workdir, "tailnet"))
         self.nsenter: list[str] = []
         self.contenders: dict[str, dict[str, Any]] = {}
         self.measurements: list[dict[str, Any]] = []
         self.roundLoad: list[tuple[float, float, float]] = []
+        # uid -> the interpreter that runs the load generator as that uid (uid 0: this one).
+        self.clientPythons: dict[int, str] = {0: sys.executable}
+        self.clientPythons.update(getattr(options, "client_pythons", {}))
+        # Every socket another uid must reach gets mode 0666 when a non-root client runs.
+        self.otherUids = [uid for uid in options.client_uids if uid != 0]
+        self.mode = "0666" if self.otherUids else "0600"
+        self.bare: dict[str, tuple[Child, str]] = {}
+        self.socatLocalAPIAs: dict[int, tuple[Child, str]] = {}
+        self.go: tuple[Child, str] | None = None
 
     # --- processes ---------------------------------------------------------------------------------
 
@@ -278,13 +459,18 @@ class Bench:
         self.tsmuxA = self.startTsmux("tsmux-a", "localapi", inNamespace=False)
         self.tsmuxB = self.startTsmux("tsmux-b", "direct", inNamespace=True)
         self.tsmuxG = self.startTsmux("tsmux-g", f"socks5:tcp:127.0.0.1:{self.tailnet.socks5Port}", inNamespace=True)
+        for key in BARE:
+            self.bare[key] = self.startBare(key, f"bare-{key}")
+        if self.goRelay is not None:
+            self.go = self.startGo("gorelay")
+        modeText = self.mode.lstrip("0")
         socatPath = os.path.join(self.workdir, "socat-socks.sock")
         self.socatSocks = self.startChild(
             "socat-socks",
             [
                 *self.nsenter,
                 self.socat,
-                f"UNIX-LISTEN:{socatPath},fork,mode=600,backlog=4096",
+                f"UNIX-LISTEN:{socatPath},fork,mode={modeText},backlog=4096",
                 f"TCP:127.0.0.1:{self.tailnet.socks5Port}",
             ],
         )
@@ -292,35 +478,56 @@ class Bench:
         socatAPI = os.path.join(self.workdir, "socat-localapi.sock")
         self.socatLocalAPI = self.startChild(
             "socat-localapi",
-            [self.socat, f"UNIX-LISTEN:{socatAPI},fork,mode=600,backlog=4096", f"UNIX-CONNECT:{localapi}"],
+            [self.socat, f"UNIX-LISTEN:{socatAPI},fork,mode={modeText},backlog=4096", f"UNIX-CONNECT:{localapi}"],
         )
         self.socatLocalAPI.waitForSocket(socatAPI)
+        # For a non-root client, a socat whose connections to tailscaled carry that uid too (su= after the
+        # listen), as tsmux's do: tailscaled then sees the same caller on every path, and the added latency
+        # compares the relays, not tailscaled's handling of root against another uid.
+        for uid in self.otherUids:
+            path = os.path.join(self.workdir, f"socat-localapi-{uid}.sock")
+            child = self.startChild(
+                f"socat-localapi-{uid}",
+                [
+                    self.socat,
+                    f"UNIX-LISTEN:{path},fork,mode={modeText},backlog=4096,su={uid}",
+                    f"UNIX-CONNECT:{localapi}",
+                ],
+            )
+            child.waitForSocket(path)
+            self.socatLocalAPIAs[uid] = (child, path)
 
         socks5 = f"tcp:127.0.0.1:{self.tailnet.socks5Port}"
         self.contenders = {
-            "a": {"proto": "socks", "connect": f"unix:{self.tsmuxA[1]}"},
-            "b": {"proto": "socks", "connect": f"unix:{self.tsmuxB[1]}"},
-            "g": {"proto": "socks", "connect": f"unix:{self.tsmuxG[1]}"},
+            "a": {"proto": "socks", "connect": f"unix:{self.tsmuxA[1]}", "command": self.tsmuxA[0].argv},
+            "b": {"proto": "socks", "connect": f"unix:{self.tsmuxB[1]}", "command": self.tsmuxB[0].argv},
+            "g": {"proto": "socks", "connect": f"unix:{self.tsmuxG[1]}", "command": self.tsmuxG[0].argv},
             "c": {"proto": "socks", "connect": socks5},
             "d": {"proto": "tsdial", "connect": f"unix:{localapi}"},
-            "e": {"proto": "socks", "connect": f"unix:{socatPath}"},
+            "e": {"proto": "socks", "connect": f"unix:{socatPath}", "command": self.socatSocks.argv},
             "f": {"proto": "direct", "connect": None},
         }
+        for key, (child, path) in self.bare.items():
+            self.contenders[key] = {"proto": "socks", "connect": f"unix:{path}", "command": child.argv}
+        if self.go is not None:
+            self.contenders["h"] = {"proto": "socks", "connect": f"unix:{self.go[1]}", "command": self.go[0].argv}
         for key, contender in self.contenders.items():
             contender["label"] = _report.LABELS[key]
-        self.contenders["a"]["command"] = self.tsmuxA[0].argv
-        self.contenders["b"]["command"] = self.tsmuxB[0].argv
-        self.contenders["g"]["command"] = self.tsmuxG[0].argv
-        self.contenders["e"]["command"] = self.socatSocks.argv
         self.httpPaths = {
             "tailscaled": f"unix:{localapi}",
             "a": f"unix:{self.tsmuxA[1]}",
             "socat": f"unix:{socatAPI}",
         }
 
-    def startChild(self, name: str, argv: list[str], pipe: bool = False) -> Child:
+    def startChild(self, name: str, argv: list[str], pipe: bool = False, tsmux: bool = False) -> Child:
         stdin = subprocess.PIPE if pipe else subprocess.DEVNULL
-        child = Child(name, argv, os.path.join(self.workdir, f"{name}.log"), stdin)
+        cwd, env = REPO_ROOT, None
+        source = self.options.tsmux_snapshot
+        if tsmux and source:
+            # python -m puts the working directory first on sys.path: run tsmux from its own tree.
+            cwd, env = source, childEnvironment()
+            env["PYTHONPATH"] = os.pathsep.join([source, env["PYTHONPATH"]])
+        child = Child(name, argv, os.path.join(self.workdir, f"{name}.log"), stdin, cwd=cwd, env=env)
         self.children.append(child)
         return child
 
@@ -337,10 +544,30 @@ class Bench:
             "--dialer",
             dialer,
             "--mode",
-            "0600",
+            self.mode,
             *self.options.tsmux_args,
         ]
+        child = self.startChild(name, [*self.nsenter, *argv] if inNamespace else argv, tsmux=True)
+        child.waitForSocket(path)
+        return child, path
+
+    def startBare(self, key: str, name: str) -> tuple[Child, str]:
+        """A bare Twisted relay (contender i and its variants), by its key in L{BARE}."""
+        dialer, connect, inNamespace = BARE[key]
+        path = os.path.join(self.workdir, f"{name}.sock")
+        dialerArg = f"localapi:{self.tailnet.localapi}" if dialer == "localapi" else "direct"
+        argv = [sys.executable, "-m", "tests.bench._barerelay", "--listen", path, "--mode", self.mode]
+        argv += ["--dialer", dialerArg, "--connect", connect]
         child = self.startChild(name, [*self.nsenter, *argv] if inNamespace else argv)
+        child.waitForSocket(path)
+        return child, path
+
+    def startGo(self, name: str) -> tuple[Child, str]:
+        """The Go relay (contender h), inside the namespace: it copies to (c) on 127.0.0.1 there."""
+        assert self.goRelay is not None
+        path = os.path.join(self.workdir, f"{name}.sock")
+        argv = [self.goRelay, path, self.mode, f"127.0.0.1:{self.tailnet.socks5Port}"]
+        child = self.startChild(name, [*self.nsenter, *argv])
         child.waitForSocket(path)
         return child, path
 
@@ -378,18 +605,28 @@ class Bench:
             "socat_localapi": (self.socatLocalAPI.pid, True),
             "targets": (self.targets.pid, False),
         }
+        for uid, (child, _) in self.socatLocalAPIAs.items():
+            pids[f"socat_localapi_{uid}"] = (child.pid, True)
+        for key, (child, _) in self.bare.items():
+            pids[f"bare_{key}"] = (child.pid, False)
+        if self.go is not None:
+            pids["gorelay"] = (self.go[0].pid, False)
         if self.tailnet.tailscaledPid is not None:
             pids["tailscaled"] = (self.tailnet.tailscaledPid, False)
         return pids
 
-    def load(self, args: list[str], timeout: float) -> dict[str, Any]:
-        """Run the load generator inside the namespace; its JSON answer plus the CPU the servers used."""
+    def load(self, args: list[str], timeout: float, uid: int = 0) -> dict[str, Any]:
+        """
+        Run the load generator inside the namespace (as C{uid}, through setpriv, unless 0); its JSON
+        answer plus the CPU the servers used.
+        """
         pids = self.cpuPids()
         before = {name: cpuSeconds(pid, children) for name, (pid, children) in pids.items()}
         started = time.perf_counter()
+        client = [*setprivArgv(uid), self.clientPythons[uid], "-m", "tests.bench._load"]
         try:
             completed = subprocess.run(
-                [*self.nsenter, sys.executable, "-m", "tests.bench._load", *args],
+                [*self.nsenter, *client, *args],
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 text=True,
@@ -426,16 +663,18 @@ class Bench:
         entry = {"round": roundIndex, "workload": workload, "contender": key, "result": result}
         self.measurements.append(entry)
         if self.options.verbose or "error" in result:
-            print(f"bench:   {workload:9} {key:10} {_report.brief(workload, result)}", file=sys.stderr, flush=True)
+            brief = _report.brief(workload.partition("@")[0], result)
+            print(f"bench:   {workload:11} {key:10} {brief}", file=sys.stderr, flush=True)
 
     def bulk(self, roundIndex: int, key: str, direction: str, size: int) -> None:
         args = ["bulk", *self.contenderArgs(key, self.bulkTarget), "--direction", direction, "--size", str(size)]
         self.record(roundIndex, f"bulk-{direction}", key, self.load(args, timeout=600))
 
-    def rate(self, roundIndex: int, key: str, count: int) -> None:
+    def rate(self, roundIndex: int, key: str, count: int, uid: int = 0) -> None:
+        """The connection rate; with a non-root C{uid}, recorded as workload C{rate@UID}."""
         args = ["rate", *self.contenderArgs(key, self.echoTarget), "--count", str(count)]
         args += ["--concurrency", str(self.options.concurrency)]
-        self.record(roundIndex, "rate", key, self.load(args, timeout=600))
+        self.record(roundIndex, _report.workloadName("rate", uid), key, self.load(args, timeout=600, uid=uid))
 
     def held(self, roundIndex: int, key: str, count: int) -> None:
         fresh: tuple[Child, str] | None = None
@@ -455,6 +694,10 @@ class Bench:
             fresh = self.startTsmux(f"tsmux-{key}-held", "localapi" if key == "a" else "direct", key == "b")
             subjectPid = fresh[0].pid
             connect = f"unix:{fresh[1]}"
+        elif key in BARE:
+            fresh = self.startBare(key, f"bare-{key}-held")
+            subjectPid = fresh[0].pid
+            connect = f"unix:{fresh[1]}"
         else:
             subjectPid = tailscaledPid
         args = ["held", "--proto", self.contenders[key]["proto"], "--target", self.echoTarget]
@@ -470,9 +713,33 @@ class Bench:
         result["tailscaled_restart_s"] = round(restartSeconds, 2)
         self.record(roundIndex, "held", key, result)
 
-    def http(self, roundIndex: int, key: str, count: int) -> None:
-        args = ["http", "--connect", self.httpPaths[key], "--count", str(count)]
-        self.record(roundIndex, "http", key, self.load(args, timeout=600))
+    def httpPath(self, key: str, uid: int) -> str:
+        if key == "socat" and uid in self.socatLocalAPIAs:
+            return f"unix:{self.socatLocalAPIAs[uid][1]}"
+        return self.httpPaths[key]
+
+    def httpArgs(self, count: int, uid: int = 0) -> list[str]:
+        args = ["http", "--count", str(count)]
+        for key in HTTP_PATHS:
+            args += ["--connect", self.httpPath(key, uid)]
+        return args
+
+    def http(self, roundIndex: int, count: int, uid: int = 0) -> None:
+        """
+        The LocalAPI passthrough: one client process, one keep-alive connection per path, requests
+        taking turns between the paths (see L{tests.bench._load}); one measurement recorded per path,
+        as workload C{http}, or C{http@UID} with a non-root C{uid}.
+        """
+        workload = _report.workloadName("http", uid)
+        result = self.load(self.httpArgs(count, uid), timeout=600, uid=uid)
+        for key in HTTP_PATHS:
+            if "error" in result:
+                self.record(roundIndex, workload, key, result)
+                continue
+            entry = dict(result["paths"][self.httpPath(key, uid)])
+            entry["interleaved"] = True
+            entry["wall_s"] = result["wall_s"]
+            self.record(roundIndex, workload, key, entry)
 
     def warmup(self) -> None:
         """One small pass of everything, not recorded: imports, caches, tailscaled's first dials."""
@@ -483,12 +750,24 @@ class Bench:
             if "rate" in self.options.workloads:
                 self.load(["rate", *self.contenderArgs(key, self.echoTarget), "--count", "200"], 120)
         if "http" in self.options.workloads:
-            for key in HTTP_PATHS:
-                self.load(["http", "--connect", self.httpPaths[key], "--count", "50"], 120)
+            self.load(self.httpArgs(50), 120)
+        for uid in self.otherUids:
+            # The other uid's first run also proves it can reach every socket: fail early, not in round 1.
+            for key in self.otherUidRate:
+                result = self.load(["rate", *self.contenderArgs(key, self.echoTarget), "--count", "50"], 120, uid)
+                if "error" in result or result.get("errors"):
+                    raise RuntimeError(f"warm-up of ({key}) as uid {uid} failed: {_report.brief('rate', result)}")
+            if "http" in self.options.workloads:
+                result = self.load(self.httpArgs(50, uid), 120, uid)
+                if "error" in result:
+                    raise RuntimeError(f"warm-up of the LocalAPI passthrough as uid {uid} failed: {result['error']}")
 
     def runRounds(self) -> None:
         options = self.options
-        self.selected = [key for key in CONTENDERS if key in options.contenders]
+        self.selected = [key for key in CONTENDERS if key in options.contenders and key in self.contenders]
+        self.otherUidRate = [key for key in OTHER_UID_RATE_CONTENDERS if key in self.selected]
+        if "rate" not in options.workloads:
+            self.otherUidRate = []
         print("bench: warming up", file=sys.stderr, flush=True)
         self.warmup()
         for roundIndex in range(options.rounds):
@@ -511,13 +790,17 @@ class Bench:
                 for key in rotated(self.selected):
                     self.rate(roundIndex, key, options.connections)
                     self.checkAlive()
+                for uid in self.otherUids:
+                    for key in rotated(self.otherUidRate):
+                        self.rate(roundIndex, key, options.connections, uid)
+                        self.checkAlive()
             if "held" in options.workloads:
                 for key in rotated([k for k in HELD_CONTENDERS if k in self.selected]):
                     self.held(roundIndex, key, options.held)
                     self.checkAlive()
             if "http" in options.workloads:
-                for key in rotated(HTTP_PATHS):
-                    self.http(roundIndex, key, options.requests)
+                for uid in rotated([0, *self.otherUids]):
+                    self.http(roundIndex, options.requests, uid)
                     self.checkAlive()
             self.roundLoad.append(os.getloadavg())
             print(
@@ -584,7 +867,9 @@ def parseOptions(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--held", type=int, help="held connections (default 2000; --quick: 1000)")
     parser.add_argument("--requests", type=int, help="LocalAPI requests per run (default 1000; --quick: 300)")
     parser.add_argument(
-        "--contenders", default=",".join(CONTENDERS), help="comma-separated subset of a,b,g,c,d,e,f (default: all)"
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated subset of {','.join(CONTENDERS)} (default: all)",
     )
     parser.add_argument(
         "--workloads", default=",".join(WORKLOADS), help="comma-separated subset of bulk,rate,held,http (default: all)"
@@ -594,7 +879,22 @@ def parseOptions(argv: Sequence[str]) -> argparse.Namespace:
         default="",
         help="more tsmux options for (a) and (b), one string (e.g. '--no-splice'), to compare two settings",
     )
-    parser.add_argument("--no-install", action="store_true", help="fail instead of installing socat with apt-get")
+    parser.add_argument(
+        "--client-uid",
+        default="65534",
+        help="also run the connection-rate workload (for (a), (b), (i), (i-direct), (c)) and the LocalAPI "
+        "passthrough with the client as these uids (comma-separated; 'none' for root only) [default: 65534]",
+    )
+    parser.add_argument(
+        "--tsmux-from",
+        metavar="DIR",
+        help="run tsmux from this source tree (e.g. a `git archive` of another commit) instead of the working tree",
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not install socat or golang-go with apt-get (socat missing: an error; go missing: (h) skipped)",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -614,6 +914,16 @@ def parseOptions(argv: Sequence[str]) -> argparse.Namespace:
     options.held = options.held or (1000 if quick else 2000)
     options.requests = options.requests or (300 if quick else 1000)
     options.tsmux_args = shlex.split(options.tsmux_args)
+    if options.tsmux_from:
+        options.tsmux_from = os.path.abspath(options.tsmux_from)
+        if not os.path.isfile(os.path.join(options.tsmux_from, "tsmux", "__main__.py")):
+            parser.error(f"--tsmux-from: no tsmux/__main__.py in {options.tsmux_from}")
+    uids = options.client_uid.strip().lower()
+    try:
+        options.client_uids = [] if uids in ("", "none", "0") else [int(u) for u in uids.split(",") if u.strip()]
+    except ValueError:
+        parser.error("--client-uid takes comma-separated numeric uids, or 'none'")
+    options.client_uids = [u for u in dict.fromkeys(options.client_uids) if u != 0]
     options.contenders = [c.strip() for c in options.contenders.split(",") if c.strip()]
     options.workloads = [w.strip() for w in options.workloads.split(",") if w.strip()]
     for c in options.contenders:
@@ -636,6 +946,21 @@ def main(argv: Sequence[str]) -> int:
         print(f"bench: cannot start a private tailnet: {reason}", file=sys.stderr)
         return 2
     socat = ensureSocat(not options.no_install)
+    skipped: dict[str, str] = {}
+    go: str | None = None
+    goBinary = None
+    if "h" in options.contenders:
+        go, why = findGo(not options.no_install)
+        if go is None:
+            skipped["h"] = why
+    options.client_pythons = {}
+    for uid in list(options.client_uids):
+        python, why = clientPython(uid) if shutil.which("setpriv") else (None, "setpriv is missing")
+        if python is None:
+            skipped[f"client uid {uid}"] = why
+            options.client_uids.remove(uid)
+        else:
+            options.client_pythons[uid] = python
     pyspy = None
     if options.profile:
         pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
@@ -648,7 +973,15 @@ def main(argv: Sequence[str]) -> int:
     clock = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="tsmux-bench-", dir="/tmp")
     os.chmod(workdir, 0o755)
-    bench = Bench(options, workdir, socat)
+    options.tsmux_snapshot, tsmuxDigest = snapshotTsmux(options.tsmux_from or REPO_ROOT, workdir)
+    if "h" in options.contenders and "h" not in skipped:
+        assert go is not None
+        goBinary, why = buildGoRelay(go, workdir)
+        if goBinary is None:
+            skipped["h"] = f"the Go relay did not build: {why}"
+    for what, why in skipped.items():
+        print(f"bench: skipping {'contender (h), the Go relay' if what == 'h' else what}: {why}", file=sys.stderr)
+    bench = Bench(options, workdir, socat, goBinary)
     record: dict[str, Any] = {
         "schema": 1,
         "started": started.isoformat(timespec="seconds"),
@@ -664,8 +997,15 @@ def main(argv: Sequence[str]) -> int:
             "contenders": options.contenders,
             "workloads": options.workloads,
             "tsmux_args": options.tsmux_args,
+            "tsmux_from": options.tsmux_from or REPO_ROOT,
+            "tsmux_sha256": tsmuxDigest,
+            "client_uids": options.client_uids,
+            "client_pythons": {str(uid): python for uid, python in bench.clientPythons.items()},
+            "socket_mode": bench.mode,
+            "cpu_clock": "schedstat ns per thread (socat: stat ticks with children)",
+            "skipped": skipped,
         },
-        "machine": machineInfo(binaries[1], socat),
+        "machine": machineInfo(binaries[1], socat, go),
         "git": gitInfo(),
         "tailscale_version": TAILSCALE_VERSION,
     }
