@@ -35,12 +35,7 @@ class TsmuxAPIProtocol(Protocol):
         self._head = False
 
     def connectionMade(self) -> None:
-        self._deadline.move(self._context.config.handshakeTimeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        timeout = self._context.config.handshakeTimeout
-        self.record.finish(Outcome.TIMEOUT, f"request not complete within {timeout:g} s")
-        self.transport.abortConnection()
+        self._deadline.handshake(self._context, self.record, self.transport, "request not complete")
 
     def dataReceived(self, data: bytes) -> None:
         self.record.bytesFromClient += len(data)

@@ -55,12 +55,7 @@ class HTTPConnectProtocol(Protocol):
         self._lost = False
 
     def connectionMade(self) -> None:
-        self._deadline.move(self._context.config.handshakeTimeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        timeout = self._context.config.handshakeTimeout
-        self.record.finish(Outcome.TIMEOUT, f"CONNECT request not complete within {timeout:g} s")
-        self.transport.abortConnection()
+        self._deadline.handshake(self._context, self.record, self.transport, "CONNECT request not complete")
 
     def _answer(self, status: int, reason: str, body: str, outcome: Outcome, headers: str = "") -> None:
         self._deadline.cancel()

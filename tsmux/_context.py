@@ -215,6 +215,20 @@ class PhaseDeadline:
         if self._call is not None:
             self._call.reset(seconds)
 
+    def handshake(self, context: ConnectionContext, record: ConnectionRecord, transport: Any, unfinished: str) -> None:
+        """
+        The front end's handshake phase: C{handshakeTimeout} from now; if it
+        runs out, the line says C{unfinished} (e.g. "SOCKS5 handshake not
+        done") and the connection is cut.
+        """
+        timeout = context.config.handshakeTimeout
+
+        def expired() -> None:
+            record.finish(Outcome.TIMEOUT, f"{unfinished} within {timeout:g} s")
+            transport.abortConnection()
+
+        self.move(timeout, expired)
+
     def cancel(self) -> None:
         if self._call is not None:
             if self._call.active():

@@ -54,12 +54,7 @@ class SOCKS5ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         # Negotiation and request must finish in time; the dial has its own timeout.
-        self._deadline.move(self._context.config.handshakeTimeout, self._timedOut)
-
-    def _timedOut(self) -> None:
-        timeout = self._context.config.handshakeTimeout
-        self.record.finish(Outcome.TIMEOUT, f"SOCKS5 handshake not done within {timeout:g} s")
-        self.transport.abortConnection()
+        self._deadline.handshake(self._context, self.record, self.transport, "SOCKS5 handshake not done")
 
     def dataReceived(self, data: bytes) -> None:
         self.record.bytesFromClient += len(data)

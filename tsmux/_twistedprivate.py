@@ -52,7 +52,8 @@ def adoptSystemdUnixPort(reactor: Any, fd: int, factory: IProtocolFactory) -> tu
         the socket is bound to.
     """
     port = _SystemdUnixPort._fromListeningDescriptor(reactor, fd, factory)
-    return port, port._bindPath
+    # The bound path: Port._bindPath in newer Twisted (26.10); Twisted 24.7 keeps it in .port.
+    return port, getattr(port, "_bindPath", port.port)
 
 
 class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
