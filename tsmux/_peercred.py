@@ -17,7 +17,7 @@ _USUAL_GROUPS = 64
 _MAX_GROUPS = 256  # Python's getsockopt takes at most 1024 bytes
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerCredentials:
     """
     The caller's pid, uid, gid and supplementary groups as the kernel saw

@@ -41,8 +41,27 @@ class ConnectionRecord:
 
     Byte counts are added where the bytes pass: the front ends count what
     they read and write themselves, and the relay's own counts are added
-    when it ends (L{addRelayed}); nothing is counted twice.
+    when it ends; nothing is counted twice.
     """
+
+    # One per open connection, held for its whole life: slots keep it small.
+    __slots__ = (
+        "_clock",
+        "peer",
+        "started",
+        "protocol",
+        "target",
+        "requests",
+        "access",
+        "username",
+        "bytesFromClient",
+        "bytesToClient",
+        "outcome",
+        "detail",
+        "_onFinished",
+        "transport",
+        "cutAtShutdown",
+    )
 
     def __init__(
         self,
