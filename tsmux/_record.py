@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from ._escape import escapeText
 from ._peercred import PeerCredentials
+from ._twistedprivate import sendNow
 
 _connectionLog = Logger(namespace="tsmux.connection")
 
@@ -94,8 +95,8 @@ class ConnectionRecord:
         return self.peer.uid if self.peer is not None else None
 
     def sent(self, data: bytes) -> None:
-        """Write C{data} to the client, counted."""
-        self.transport.write(data)
+        """Write C{data} to the client (at once when nothing is queued), counted."""
+        sendNow(self.transport, data)
         self.bytesToClient += len(data)
 
     def _subject(self, target: str | None) -> str:

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from ._interfaces import IUpstream
 from ._splice import SpliceRelay, canSplice
+from ._twistedprivate import sendNow
 
 _P = TypeVar("_P", bound=IProtocol)
 
@@ -81,7 +82,7 @@ class RelayEnd(Protocol):
 
     def forward(self, data: bytes) -> None:
         """Pass C{data} from this side on to the other (uncounted: L{dataReceived} counts)."""
-        self.peer.transport.write(data)
+        sendNow(self.peer.transport, data)
 
     def readConnectionLost(self) -> None:
         self.relay._readDone(self)

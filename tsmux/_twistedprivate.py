@@ -71,3 +71,40 @@ def quietConnectionPool(reactor: Any, persistent: bool) -> HTTPConnectionPool:
     pool = HTTPConnectionPool(reactor, persistent=persistent)
     pool._factory = _QuietHTTP11ClientFactory
     return pool
+
+
+_PLAIN_SOCKETS = (tcp.Server, tcp.Client, unix.Server, unix.Client)
+
+
+def sendNow(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, but sent at once when nothing is queued.
+
+    Twisted's C{write()} only queues, and sends on the next reactor turn:
+    an epoll change and a turn per write, on every relayed read and every
+    reply.  Nothing public says whether a transport has bytes queued, so
+    this reads C{FileDescriptor}'s buffer attributes (C{dataBuffer},
+    C{offset}, C{_tempDataLen}) and the C{socket}; anything else (TLS, a
+    closing transport, queued bytes or descriptors) takes the ordinary way.
+    """
+    if (
+        type(transport) not in _PLAIN_SOCKETS
+        or not transport.connected
+        or transport.disconnecting
+        or transport._writeDisconnecting
+        or transport._tempDataLen
+        or len(transport.dataBuffer) != transport.offset
+        or getattr(transport, "TLS", False)
+        or getattr(transport, "_sendmsgQueue", None)
+    ):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
+        transport.write(data)  # let Twisted meet the error its own way, on its next write
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
