@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tsmux._interfaces import IDialer, IUpstream
@@ -17,11 +19,28 @@ from tsmux._mux import MuxFactory, MuxProtocol
 from tsmux._socks5 import Reply, buildReply
 from tsmux._upstream import HeldConnection
 
+if TYPE_CHECKING:
+    TestCaseMixinBase = SynchronousTestCase
+else:
+    TestCaseMixinBase = object
+"""The base of a test case mixin: the test case class for mypy, nothing at run time."""
+
+
+def capturedEvents(testCase: SynchronousTestCase) -> list[LogEvent]:
+    """Every log event from now until C{testCase} ends (a global observer, removed at its cleanup)."""
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    testCase.addCleanup(globalLogPublisher.removeObserver, observer)
+    return events
+
 
 class HalfCloseStringTransport(StringTransport):
     """A L{StringTransport} that also records write shutdowns."""
 
     writeLost = False
+    protocol: Any
+    """Set by the test that connects it, as a real transport has it."""
 
     def loseWriteConnection(self) -> None:
         self.writeLost = True
@@ -94,7 +113,7 @@ class FakeLocalAPIAccess:
         self.path = path
         self.actAsCallers = True
         self.refuse = refuse
-        self.connects: list[tuple[object, object, defer.Deferred[object]]] = []
+        self.connects: list[tuple[Any, Any, defer.Deferred[Any]]] = []
 
     def refusal(self, peer: object) -> str | None:
         return self.refuse
@@ -102,8 +121,8 @@ class FakeLocalAPIAccess:
     def identityFor(self, peer: object) -> object:
         return peer
 
-    def connect(self, peer: object, protocol: object) -> defer.Deferred[object]:
-        deferred: defer.Deferred[object] = defer.Deferred()
+    def connect(self, peer: object, protocol: Any) -> defer.Deferred[Any]:
+        deferred: defer.Deferred[Any] = defer.Deferred()
         self.connects.append((peer, protocol, deferred))
         return deferred
 
@@ -114,12 +133,12 @@ class EndpointLocalAPIAccess(FakeLocalAPIAccess):
     it in C{unixClients}), so dialer tests can play tailscaled's side.
     """
 
-    def __init__(self, reactor: object, path: str = "/nonexistent/tailscaled.sock") -> None:
+    def __init__(self, reactor: Any, path: str = "/nonexistent/tailscaled.sock") -> None:
         super().__init__(path)
         self._reactor = reactor
         self.peers: list[object] = []
 
-    def connect(self, peer: object, protocol: object) -> defer.Deferred[object]:
+    def connect(self, peer: object, protocol: Any) -> defer.Deferred[Any]:
         from twisted.internet.endpoints import UNIXClientEndpoint
 
         from tsmux._upstream import quietConnect
@@ -142,7 +161,7 @@ DONE = Failure(ConnectionDone())
 SUCCESS = buildReply(Reply.SUCCEEDED, "10.0.0.1", 12345)
 
 
-class MuxTestMixin:
+class MuxTestMixin(TestCaseMixinBase):
     """A mux on a fake transport, with its log lines captured."""
 
     def setUp(self) -> None:
@@ -151,16 +170,15 @@ class MuxTestMixin:
         self.localapi = FakeLocalAPIAccess()
         self.context = makeContext(self.reactor, self.dialer, self.localapi, detectTimeout=15)
         self.factory = MuxFactory(self.context)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capturedEvents(self)
 
     def connect(self) -> tuple[MuxProtocol, HalfCloseStringTransport]:
         protocol = self.factory.buildProtocol(None)
+        assert isinstance(protocol, MuxProtocol)
         transport = HalfCloseStringTransport()
         transport.protocol = protocol
         protocol.makeConnection(transport)
         return protocol, transport
 
-    def connectionLines(self) -> list[dict]:
+    def connectionLines(self) -> list[LogEvent]:
         return [e for e in self.events if e.get("log_namespace") == "tsmux.connection"]

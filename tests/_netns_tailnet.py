@@ -7,17 +7,10 @@ Run it as::
     unshare -n -- python -m tests._netns_tailnet --tailscaled PATH --dir DIR [--socket PATH]
 
 It refuses to start tailscaled unless its network namespace holds nothing but loopback, so no
-traffic can leave the machine. Once ready it prints one JSON line on stdout::
-
-    {"httpPort": .., "echoPort": .., "closedPort": .., "socks5Port": .., "tailscaledPid": ..,
-     "localapi": "DIR/tailscaled.sock", "log": "DIR/tailscaled.log"}
-
-(or C{{"error": ...}} and exit status 1), then obeys one command per stdin line, each answered
-with one JSON line:
-
-    - C{stop}: SIGTERM tailscaled (SIGKILL after 5 s) -> C{{"ok": true}}
-    - C{start}: start it again with the same state dir -> C{{"ok": true, "tailscaledPid": ..}}
-    - C{kill}: SIGKILL tailscaled -> C{{"ok": true}}
+traffic can leave the machine. What it says and hears is defined in L{tests._tailnet_shared}:
+once ready it prints one L{Ready} line on stdout (or L{StartFailed} and exits with status 1),
+then obeys one L{Command} per stdin line (stop, start, kill tailscaled), each answered with one
+L{CommandReply} line.
 
 On stdin EOF (the test process went away, or closed the pipe), SIGTERM or SIGINT it stops
 tailscaled and the servers and exits 0. tailscaled also gets PR_SET_PDEATHSIG=SIGKILL, so it
@@ -33,10 +26,8 @@ Targets, on 127.0.0.1 inside the namespace (reachable only through tailscaled or
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import http.server
-import json
 import os
 import signal
 import socket
@@ -44,31 +35,28 @@ import socketserver
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-HELLO_BODY = b"hello from the tailnet\n"
-_PATTERN = bytes(range(256)) * 256  # 64 KiB, a whole number of pattern periods
+from tests._tailnet_shared import (
+    HELLO_BODY,
+    PATTERN_BLOCK,
+    ChildOptions,
+    Command,
+    CommandReply,
+    Message,
+    Ready,
+    StartFailed,
+    patternBytes,
+)
+from tests._waiting import WaitTimeout, waitUntil
+
+__all__ = ["HELLO_BODY", "main", "patternBytes"]
+
 READY_TIMEOUT = 20.0
 STOP_GRACE = 5.0
 PR_SET_PDEATHSIG = 1
-
-
-def patternBytes(offset: int, length: int) -> bytes:
-    """
-    The slice [offset, offset+length) of the endless C{bytes(range(256))} pattern that
-    C{/big} serves; tests use it to check what arrived.
-    """
-    out = bytearray()
-    while length > 0:
-        start = offset % len(_PATTERN)
-        chunk = _PATTERN[start : start + length]
-        out += chunk
-        offset += len(chunk)
-        length -= len(chunk)
-    return bytes(out)
 
 
 class _TargetHTTPHandler(http.server.BaseHTTPRequestHandler):
@@ -105,8 +93,8 @@ class _TargetHTTPHandler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             sent = 0
             while sent < n:
-                chunk = min(len(_PATTERN), n - sent)
-                self.wfile.write(_PATTERN[:chunk])
+                chunk = min(len(PATTERN_BLOCK), n - sent)
+                self.wfile.write(PATTERN_BLOCK[:chunk])
                 sent += chunk
         else:
             self._send(404, b"not found\n")
@@ -285,22 +273,19 @@ class _Tailscaled:
         """
         Poll until tailscaled accepts, or fail (killing it) if it exits or takes too long.
         """
-        assert self.process is not None
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"tailscaled exited with status {self.process.returncode} before its "
-                    f"socket accepted; see {self.logPath}"
-                )
-            if self._accepts():
-                return
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"tailscaled socket {self.socketPath} did not accept within {READY_TIMEOUT:g} s; see {self.logPath}"
-                )
-            time.sleep(0.02)
+        process = self.process
+        assert process is not None
+        try:
+            waitUntil(lambda: process.poll() is not None or self._accepts(), READY_TIMEOUT)
+        except WaitTimeout:
+            self.kill()
+            raise RuntimeError(
+                f"tailscaled socket {self.socketPath} did not accept within {READY_TIMEOUT:g} s; see {self.logPath}"
+            ) from None
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"tailscaled exited with status {process.returncode} before its socket accepted; see {self.logPath}"
+            )
 
     def stop(self) -> None:
         """
@@ -345,12 +330,12 @@ def _onSigterm(signum: int, frame: object) -> None:
     raise _Terminate()
 
 
-def _reply(message: dict[str, Any]) -> None:
+def _reply(message: Message) -> None:
     """
-    One JSON line on stdout, flushed: the parent reads line by line.
+    One message on stdout, flushed: the parent reads line by line.
     """
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    sys.stdout.buffer.write(message.toJSON())
+    sys.stdout.buffer.flush()
 
 
 def _serve(server: socketserver.BaseServer) -> threading.Thread:
@@ -367,16 +352,8 @@ def main(argv: list[str]) -> int:
     """
     Set up the namespace, targets and tailscaled, then obey stdin commands until EOF.
     """
-    parser = argparse.ArgumentParser(prog="python -m tests._netns_tailnet")
-    parser.add_argument("--tailscaled", required=True)
-    parser.add_argument("--dir", required=True)
-    parser.add_argument(
-        "--socket",
-        help="LocalAPI socket path (default DIR/tailscaled.sock); for a DIR too long for "
-        "a Unix socket path (108 bytes)",
-    )
-    options = parser.parse_args(argv)
-    directory = os.path.abspath(options.dir)
+    options = ChildOptions.fromArgv(argv)
+    directory = os.path.abspath(options.directory)
     socketPath = os.path.abspath(options.socket or os.path.join(directory, "tailscaled.sock"))
     os.makedirs(os.path.join(directory, "state"), exist_ok=True)
 
@@ -400,34 +377,32 @@ def main(argv: list[str]) -> int:
             tailscaled = _Tailscaled(options.tailscaled, directory, socketPath, socks5Port)
             pid = tailscaled.start()
         except (Exception, SystemExit) as e:
-            _reply({"error": str(e) or repr(e)})
+            _reply(StartFailed(str(e) or repr(e)))
             return 1
         _reply(
-            {
-                "httpPort": httpServer.server_address[1],
-                "echoPort": echoServer.server_address[1],
-                "closedPort": closedPort,
-                "socks5Port": socks5Port,
-                "tailscaledPid": pid,
-                "localapi": tailscaled.socketPath,
-                "log": tailscaled.logPath,
-            }
+            Ready(
+                localapi=tailscaled.socketPath,
+                httpPort=httpServer.server_address[1],
+                echoPort=echoServer.server_address[1],
+                closedPort=closedPort,
+                socks5Port=socks5Port,
+                tailscaledPid=pid,
+                log=tailscaled.logPath,
+            )
         )
         for line in sys.stdin:
-            command = line.strip()
             try:
-                if command == "stop":
+                command = Command.fromLine(line)
+                if command is Command.STOP:
                     tailscaled.stop()
-                    _reply({"ok": True})
-                elif command == "start":
-                    _reply({"ok": True, "tailscaledPid": tailscaled.start()})
-                elif command == "kill":
+                    _reply(CommandReply(ok=True))
+                elif command is Command.START:
+                    _reply(CommandReply(ok=True, tailscaledPid=tailscaled.start()))
+                elif command is Command.KILL:
                     tailscaled.kill()
-                    _reply({"ok": True})
-                else:
-                    _reply({"ok": False, "error": f"unknown command {command!r}"})
+                    _reply(CommandReply(ok=True))
             except Exception as e:
-                _reply({"ok": False, "error": str(e) or repr(e)})
+                _reply(CommandReply(ok=False, error=str(e) or repr(e)))
     except (_Terminate, KeyboardInterrupt):
         pass
     finally:

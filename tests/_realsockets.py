@@ -6,16 +6,20 @@ import os
 import shutil
 import socket
 import tempfile
-import time
+from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet import reactor as globalReactor
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Factory, Protocol
-from twisted.trial.unittest import TestCase
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from tests._fakes import makeContext
+from tests._httpclient import recvAll as recvAll  # re-exported: a socket helper too
+from tests._tailnet_shared import patternBytes
+from tests._waiting import waitUntilAsync
 from tsmux._context import ConnectionContext
 from tsmux._dialers import DirectDialer
 from tsmux._listen import defaultBacklog, listenOnPath
@@ -24,10 +28,11 @@ from tsmux._mux import MuxFactory
 from tsmux._relay import RelayEnd
 from tsmux._socks5 import buildRequest, parseReply
 
-reactor = globalReactor
+# Typed loosely: the tests use what the global reactor has beyond any one interface.
+reactor: Any = globalReactor
 
 
-def shortTempDir(testCase: TestCase) -> str:
+def shortTempDir(testCase: SynchronousTestCase) -> str:
     """A private directory with a short path (Unix socket paths are at most 107 bytes)."""
     path = tempfile.mkdtemp(prefix="tsmux-", dir="/tmp")
     testCase.addCleanup(shutil.rmtree, path, True)
@@ -35,7 +40,11 @@ def shortTempDir(testCase: TestCase) -> str:
 
 
 def startMux(
-    testCase: TestCase, dialer=None, localapi: str = "/nonexistent/tailscaled.sock", credentials=None, **settings
+    testCase: SynchronousTestCase,
+    dialer=None,
+    localapi: str = "/nonexistent/tailscaled.sock",
+    credentials=None,
+    **settings,
 ) -> tuple[str, ConnectionContext]:
     """A mux with the direct dialer (by default) listening on a fresh Unix socket; C{settings} are Config fields."""
     path = os.path.join(shortTempDir(testCase), "tsmux.sock")
@@ -49,33 +58,23 @@ def startMux(
     return path, context
 
 
-async def waitFor(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll C{condition} with the reactor running, until true or C{timeout} seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.02, lambda: None)
-
-
-def waitUntilClosed(context: ConnectionContext, timeout: float = 10.0) -> defer.Deferred[None]:
+def waitUntilClosed(context: ConnectionContext, timeout: float = 10.0) -> defer.Deferred[bool]:
     """Let the connections a test made finish closing, so the reactor is clean after it."""
 
-    async def poll() -> None:
-        deadline = time.monotonic() + timeout
-        while context.openConnections or any(
-            isinstance(getattr(s, "protocol", None), RelayEnd) for s in reactor.getReaders() + reactor.getWriters()
-        ):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"connections still open after {timeout} s")
-            await task.deferLater(reactor, 0.01, lambda: None)
+    def closed() -> bool:
+        selectables = reactor.getReaders() + reactor.getWriters()
+        return not context.openConnections and not any(
+            isinstance(getattr(s, "protocol", None), RelayEnd) for s in selectables
+        )
 
-    return defer.ensureDeferred(poll())
+    return waitUntilAsync(closed, timeout, "the connections to close")
 
 
 @implementer(IHalfCloseableProtocol)
 class Echo(Protocol):
     """Echoes, and on EOF finishes writing and closes: half-close made visible."""
+
+    transport: Any
 
     def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
@@ -89,6 +88,8 @@ class Echo(Protocol):
 
 class Source(Protocol):
     """Sends C{size} bytes of a known pattern, then closes."""
+
+    transport: Any
 
     size = 0
 
@@ -105,6 +106,8 @@ class Sink(Protocol):
     close the target's side mid-test.
     """
 
+    transport: Any
+
     held: list[Sink] = []
 
     def connectionMade(self) -> None:
@@ -120,11 +123,11 @@ class Sink(Protocol):
 
 
 def pattern(size: int) -> bytes:
-    block = bytes(range(256)) * 4096
-    return (block * (size // len(block) + 1))[:size]
+    """The first C{size} bytes of the pattern the tailnet's C{/big} serves, too."""
+    return patternBytes(0, size)
 
 
-def listenTCP(testCase: TestCase, protocol: type[Protocol], **attributes) -> int:
+def listenTCP(testCase: SynchronousTestCase, protocol: type[Protocol], **attributes) -> int:
     factory = Factory.forProtocol(protocol)
     factory.noisy = False
     for name, value in attributes.items():
@@ -167,17 +170,16 @@ def recvExactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def recvAll(sock: socket.socket, bufsize: int = 1 << 20) -> bytes:
-    chunks = []
-    while True:
-        chunk = sock.recv(bufsize)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
 def openFds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def waitUntilReactorRuns() -> defer.Deferred[bool]:
+    """
+    An async test's body starts before trial (or pytest-twisted) runs the reactor, which then
+    makes its waker's pipe: count descriptors (L{openFds}) only after this.
+    """
+    return waitUntilAsync(lambda: reactor.running, what="the reactor to run")
 
 
 def relayBufferedBytes(context: ConnectionContext | None = None) -> int:
@@ -196,13 +198,25 @@ def relayBufferedBytes(context: ConnectionContext | None = None) -> int:
     return total
 
 
-def httpGet(path: str, target: str) -> tuple[bytes, bytes]:
-    """One GET over a Unix socket, the server closing after it: (head, body)."""
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(path)
-    sock.sendall(f"GET {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n".encode())
-    data = recvAll(sock)
-    sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    return head, body
+class Collector(Protocol):
+    """Sends C{toSend}, half-closes if asked, and collects everything until the connection ends."""
+
+    transport: Any
+
+    def __init__(self, toSend: bytes = b"", halfClose: bool = True) -> None:
+        self.toSend = toSend
+        self.halfClose = halfClose
+        self.received = b""
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        if self.toSend:
+            self.transport.write(self.toSend)
+        if self.halfClose:
+            self.transport.loseWriteConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.done.callback(self.received)

@@ -6,6 +6,10 @@ from here because the filesystem is shared; the loopback TCP targets (HTTP, echo
 and tailscaled's TCP SOCKS5 port live inside the namespace and are reachable only through
 tailscaled or through L{PrivateTailnet.runInNamespace}.
 
+Three modules, as treq's C{local_httpbin} has them: this one is the parent (it starts the child
+and reads its description), L{tests._netns_tailnet} is the child (it runs inside the namespace
+and serves), and L{tests._tailnet_shared} defines what they say to each other, once.
+
 Typical use in a trial test::
 
     class SomethingTests(TestCase):
@@ -21,7 +25,6 @@ skip, so CI cannot go green without running these tests.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import select
 import shutil
@@ -33,6 +36,15 @@ import time
 import unittest
 from typing import IO, Any
 
+from tests._tailnet_shared import (
+    HELLO_BODY,
+    ChildOptions,
+    Command,
+    CommandReply,
+    Message,
+    Ready,
+    StartFailed,
+)
 from tests._tailscale_binaries import (
     TAILSCALE_VERSION,
     defaultCacheDir,
@@ -40,10 +52,11 @@ from tests._tailscale_binaries import (
     tailscaledVersion,
 )
 
+__all__ = ["HELLO_BODY", "PrivateTailnet", "startPrivateTailnet", "tailnetSkipReason"]
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 30.0
-HELLO_BODY = b"hello from the tailnet\n"
 # sockaddr_un.sun_path is 108 bytes including the NUL; keep a margin.
 _MAX_SOCKET_PATH = 100
 
@@ -197,20 +210,7 @@ class PrivateTailnet:
             socketPath = os.path.join(self._socketDir, "tailscaled.sock")
         self._stderr = open(self.helperLog, "ab")
         self._process = subprocess.Popen(
-            [
-                "unshare",
-                "-n",
-                "--",
-                sys.executable,
-                "-m",
-                "tests._netns_tailnet",
-                "--tailscaled",
-                self.tailscaled,
-                "--dir",
-                self.workdir,
-                "--socket",
-                socketPath,
-            ],
+            ["unshare", "-n", "--", *ChildOptions(self.tailscaled, self.workdir, socketPath).toArgv(sys.executable)],
             cwd=REPO_ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -218,15 +218,16 @@ class PrivateTailnet:
         )
         self.helperPid = self._process.pid
         try:
-            ready = self._readMessage(START_TIMEOUT)
-            if "error" in ready:
-                raise TailnetError(f"tailnet helper failed: {ready['error']}{self._logTail()}")
-            self.localapi = ready["localapi"]
-            self.httpPort = ready["httpPort"]
-            self.echoPort = ready["echoPort"]
-            self.closedPort = ready["closedPort"]
-            self.socks5Port = ready["socks5Port"]
-            self.tailscaledPid = ready["tailscaledPid"]
+            message = self._readMessage(START_TIMEOUT)
+            if isinstance(message, StartFailed):
+                raise TailnetError(f"tailnet helper failed: {message.error}{self._logTail()}")
+            ready = Ready.expect(message)
+            self.localapi = ready.localapi
+            self.httpPort = ready.httpPort
+            self.echoPort = ready.echoPort
+            self.closedPort = ready.closedPort
+            self.socks5Port = ready.socks5Port
+            self.tailscaledPid = ready.tailscaledPid
         except BaseException:
             self.stop()
             raise
@@ -235,21 +236,21 @@ class PrivateTailnet:
         """
         Stop tailscaled gracefully (SIGTERM; SIGKILL after 5 s), keeping the namespace and targets.
         """
-        self._command("stop")
+        self._command(Command.STOP)
         self.tailscaledPid = None
 
     def startTailscaled(self) -> None:
         """
         Start tailscaled again with the same state and socket; returns once the socket accepts.
         """
-        reply = self._command("start")
-        self.tailscaledPid = reply["tailscaledPid"]
+        reply = self._command(Command.START)
+        self.tailscaledPid = reply.tailscaledPid
 
     def killTailscaled(self) -> None:
         """
         SIGKILL tailscaled, as a crash would: its socket file may be left behind.
         """
-        self._command("kill")
+        self._command(Command.KILL)
         self.tailscaledPid = None
 
     def stop(self) -> None:
@@ -308,23 +309,23 @@ class PrivateTailnet:
             kw.setdefault("stdin", subprocess.DEVNULL)
         return subprocess.run([self.tailscale, f"--socket={self.localapi}", *args], **kw)
 
-    def _command(self, command: str) -> dict[str, Any]:
+    def _command(self, command: Command) -> CommandReply:
         """
-        Send one command line to the helper and return its JSON reply, raising if not ok.
+        Send one command to the helper and return its reply, raising if not ok.
         """
         process = self._process
         if process is None or process.stdin is None:
             raise TailnetError("not started")
-        process.stdin.write(command.encode() + b"\n")
+        process.stdin.write(command.toLine())
         process.stdin.flush()
-        reply = self._readMessage(COMMAND_TIMEOUT)
-        if not reply.get("ok"):
-            raise TailnetError(f"{command!r} failed: {reply.get('error')}{self._logTail()}")
+        reply = CommandReply.expect(self._readMessage(COMMAND_TIMEOUT))
+        if not reply.ok:
+            raise TailnetError(f"{command.value!r} failed: {reply.error}{self._logTail()}")
         return reply
 
-    def _readMessage(self, timeout: float) -> dict[str, Any]:
+    def _readMessage(self, timeout: float) -> Message:
         """
-        Read one JSON line from the helper within C{timeout} seconds.
+        Read one message line from the helper within C{timeout} seconds.
         """
         process = self._process
         assert process is not None and process.stdout is not None
@@ -345,8 +346,7 @@ class PrivateTailnet:
                     raise TailnetError(f"tailnet helper closed its stdout; exit status {status}{self._logTail()}")
                 self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        message: dict[str, Any] = json.loads(line)
-        return message
+        return Message.fromJSON(line)
 
     def _logTail(self, lines: int = 20) -> str:
         """

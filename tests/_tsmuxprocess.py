@@ -1,4 +1,7 @@
-"""Run the real C{tsmux} (or C{twistd -n tsmux}) as a child process in a test."""
+"""
+Run the real C{tsmux} (or C{twistd -n tsmux}) as a child process in a test, alone or in front of
+a private tailnet's tailscaled (L{IntegrationTestMixin}); and the documentation's examples.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,17 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import unittest
+from collections.abc import Sequence
+from typing import Any
 
-from tests._tailnet import REPO_ROOT, integrationRequired
+from tests._fakes import TestCaseMixinBase
+from tests._tailnet import REPO_ROOT, PrivateTailnet, integrationRequired, startPrivateTailnet, tailnetSkipReason
+from tests._waiting import waitUntil
+
+EXAMPLES = os.path.join(REPO_ROOT, "docs", "examples")
+CONNECTION_LINE = "tsmux.connection"
+"""In every line tsmux logs for a finished connection, in the text and JSON formats alike."""
 
 
 def tsmuxCommand() -> list[str]:
@@ -25,7 +35,7 @@ def tsmuxCommand() -> list[str]:
     return [sys.executable, "-m", "tsmux"]
 
 
-def twistdCommand(twistdArgs: list[str] = ()) -> list[str]:
+def twistdCommand(twistdArgs: Sequence[str] = ()) -> list[str]:
     """twistd itself (C{python -m twisted} is the newer C{twist}, with other options)."""
     run = "from twisted.scripts.twistd import run; run()"
     return [sys.executable, "-c", run, "--pidfile=", *twistdArgs, "-n", "tsmux"]
@@ -69,17 +79,40 @@ class TsmuxProcess:
         self.returncode: int | None = None
 
     def waitUntilListening(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not answers(self.socketPath):
-            if self.process.poll() is not None:
-                raise AssertionError(f"tsmux exited with {self.process.returncode}:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"tsmux did not listen on {self.socketPath} within {timeout} s:\n{self.log()}")
-            time.sleep(0.02)
+        waitUntil(
+            lambda: self.process.poll() is not None or answers(self.socketPath),
+            timeout,
+            lambda: f"tsmux to listen on {self.socketPath}:\n{self.log()}",
+        )
+        if self.process.poll() is not None:
+            raise AssertionError(f"tsmux exited with {self.process.returncode}:\n{self.log()}")
 
     def log(self) -> str:
         with open(self.logPath, encoding="utf-8", errors="replace") as f:
             return f.read()
+
+    def connectionLines(self) -> int:
+        """How many connections tsmux has logged as finished (one line each)."""
+        return self.log().count(CONNECTION_LINE)
+
+    def waitForConnectionLines(self, count: int, timeout: float = 15.0) -> None:
+        """
+        Until tsmux has logged C{count} finished connections, counting the readiness probe's:
+        each logs its line once both its sockets are closed.
+        """
+        waitUntil(
+            lambda: self.connectionLines() >= count,
+            timeout,
+            lambda: f"{count} connection lines (have {self.connectionLines()}):\n{self.log()[-3000:]}",
+        )
+
+    def waitForLog(self, text: str, timeout: float = 15.0) -> None:
+        """Until C{text} is in tsmux's log."""
+        waitUntil(lambda: text in self.log(), timeout, lambda: f"{text!r} in tsmux's log:\n{self.log()[-3000:]}")
+
+    def openFds(self) -> int:
+        """tsmux's open file descriptors now."""
+        return openFds(self.process.pid)
 
     def stop(self) -> int:
         if self.process.poll() is None:
@@ -110,3 +143,49 @@ def startTsmux(
     testCase.addCleanup(tsmux.stop)
     tsmux.waitUntilListening()
     return tsmux
+
+
+def openFds(pid: int) -> int:
+    """How many file descriptors process C{pid} has open."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def assertCleanLog(testCase: unittest.TestCase, log: str) -> None:
+    """No traceback or unhandled error in a tsmux log; on failure, show where (not the whole log)."""
+    for marker in ("Traceback", "Unhandled"):
+        index = log.find(marker)
+        if index >= 0:
+            testCase.fail(f"{marker!r} in tsmux's log:\n{log[max(0, index - 300) : index + 3000]}")
+
+
+class IntegrationTestMixin(TestCaseMixinBase):
+    """
+    For a trial test case: a private tailnet per test (C{self.tailnet}), and L{startTsmux} for a
+    tsmux process in front of its tailscaled, whose log must be clean at the end.
+    """
+
+    skip = tailnetSkipReason()
+    tailnet: PrivateTailnet
+
+    def setUp(self) -> None:
+        self.tailnet = startPrivateTailnet(self)
+
+    def startTsmux(self, *args: str, **kw: Any) -> TsmuxProcess:
+        tsmux = startTsmux(self, "--localapi", self.tailnet.localapi, *args, **kw)
+        self.addCleanup(self.assertNoTraceback, tsmux)
+        return tsmux
+
+    def assertNoTraceback(self, tsmux: TsmuxProcess) -> None:
+        tsmux.stop()
+        assertCleanLog(self, tsmux.log())
+
+
+async def runExample(name: str, *args: str) -> tuple[int, str, str]:
+    """Run docs/examples/NAME as a user would, with the reactor running: (exit code, stdout, stderr)."""
+    from twisted.internet import reactor
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    out, err, code = await getProcessOutputAndValue(
+        sys.executable, [os.path.join(EXAMPLES, name), *args], env=childEnvironment(), path=REPO_ROOT, reactor=reactor
+    )
+    return code, out.decode(), err.decode()

@@ -9,44 +9,26 @@ import json
 import os
 import shutil
 import subprocess
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ._otheruser import NOBODY, pythonAsNobody, requireOtherUser, runAsNobody
+from ._httpclient import buildRequest, curl, curlStatus, scriptArgv
+from ._otheruser import NOBODY, NOBODY_IDS, pythonAsNobody, requireOtherUser, runAsNobody, runPythonAs, setpriv
 from ._realsockets import socksConnect
 from ._tailnet import HELLO_BODY
-from .test_integration import IntegrationTestMixin, curl
+from ._tsmuxprocess import IntegrationTestMixin, TsmuxProcess
 
 PREFS_PATCH = '{"HostnameSet": true, "Hostname": "tsmux-test"}'
 
-# Sends its requests in one write (pipelined) and prints the status lines of the answers.
-PIPELINE = r"""
-import socket, sys
-path, *requests = sys.argv[1:]
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(15)
-s.connect(path)
-s.sendall("".join(requests).encode())
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-# Status lines, wherever they start (a JSON body may end right before the next one).
-import re
-for line in re.findall(rb"HTTP/1\.1 \d{3} [^\r]*", data):
-    print(line.decode())
-"""
-
 
 def localapiRequest(method: str, path: str, body: str = "", close: bool = False) -> str:
-    head = f"{method} /localapi/v0/{path} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n"
-    if body or method not in ("GET", "HEAD"):
-        head += f"Content-Length: {len(body)}\r\n"
-    if close:
-        head += "Connection: close\r\n"
-    return head + "\r\n" + body
+    return buildRequest(method, f"/localapi/v0/{path}", body, close=close).decode()
+
+
+def pipelineAsNobody(socketPath: str, *requests: str) -> subprocess.CompletedProcess[bytes]:
+    """As uid 65534: C{requests} in one write; stdout has the status lines of the answers."""
+    return pythonAsNobody(*scriptArgv("pipeline", socketPath, *requests))
 
 
 class AccessTestMixin(IntegrationTestMixin):
@@ -54,21 +36,15 @@ class AccessTestMixin(IntegrationTestMixin):
         requireOtherUser()
         super().setUp()
 
-    def startTsmux(self, *args: str, **kw):
+    def startTsmux(self, *args: str, **kw: Any) -> TsmuxProcess:
         # 0666: the socket's mode is not what these tests are about; tsmux's decisions are.
         return super().startTsmux("--mode", "0666", *args, **kw)
 
     def curlAs(self, nobody: bool, *args: str) -> subprocess.CompletedProcess[bytes]:
-        argv = ["curl", "-sS", "--max-time", "20", *args]
-        if nobody:
-            return runAsNobody(argv)
-        return subprocess.run(argv, capture_output=True, timeout=30)
+        return curl(*args, prefix=setpriv() if nobody else ())
 
     def localapiStatus(self, socketPath: str, method: str, path: str, body: str = "", nobody: bool = True) -> int:
-        args = ["-o", "/dev/null", "-w", "%{http_code}", "-X", method, "--unix-socket", socketPath]
-        if body:
-            args += ["-H", "Content-Type: application/json", "--data", body]
-        result = self.curlAs(nobody, *args, f"http://local-tailscaled.sock/localapi/v0/{path}")
+        result = curlStatus(socketPath, method, f"/localapi/v0/{path}", body, prefix=setpriv() if nobody else ())
         self.assertEqual(result.returncode, 0, result.stderr)
         return int(result.stdout)
 
@@ -129,8 +105,8 @@ class TailscaledDecidesTests(AccessTestMixin, SynchronousTestCase):
         tsmux = self.startTsmux()
         for target in ("HTTP://local-tailscaled.sock/localapi/v0/goroutines", "http:/localapi/v0/goroutines"):
             request = f"GET {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n"
-            direct = pythonAsNobody(PIPELINE, self.tailnet.localapi, request)
-            through = pythonAsNobody(PIPELINE, tsmux.socketPath, request)
+            direct = pipelineAsNobody(self.tailnet.localapi, request)
+            through = pipelineAsNobody(tsmux.socketPath, request)
             self.assertEqual(through.stdout, direct.stdout, target)
             self.assertNotIn(b"200 OK", through.stdout, target)
 
@@ -140,23 +116,17 @@ class TailscaledDecidesTests(AccessTestMixin, SynchronousTestCase):
         old guard refused mask=2 to readers; tailscaled 1.96.4 answers it).
         """
         tsmux = self.startTsmux()
-        firstLine = (
-            "import socket, sys\n"
-            "s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])\n"
-            "s.sendall(sys.argv[2].encode())\n"
-            "data = b''\n"
-            "while b'\\r\\n' not in data:\n"
-            "    chunk = s.recv(1)\n"
-            "    if not chunk: break\n"
-            "    data += chunk\n"
-            "print(data.split(b'\\r\\n')[0].decode())\n"
-        )
-        for mask in ("2", "18"):
-            request = f"GET /localapi/v0/watch-ipn-bus?mask={mask} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
-            direct = pythonAsNobody(firstLine, self.tailnet.localapi, request)
-            through = pythonAsNobody(firstLine, tsmux.socketPath, request)
-            self.assertEqual(through.stdout, direct.stdout, (mask, through.stderr))
-            self.assertTrue(through.stdout.startswith(b"HTTP/1.1 "), through.stdout)
+        # A long poll: the status line is the answer (the sweep then hangs up).
+        spec = {
+            "sockets": [self.tailnet.localapi, tsmux.socketPath],
+            "requests": [["GET", f"/localapi/v0/watch-ipn-bus?mask={mask}"] for mask in ("2", "18")],
+            "timeout": 10,
+        }
+        result = runPythonAs(NOBODY_IDS, *scriptArgv("sweep"), input=json.dumps(spec).encode())
+        self.assertEqual(result.returncode, 0, result.stderr)
+        for mask, (direct, through) in zip(("2", "18"), json.loads(result.stdout), strict=True):
+            self.assertEqual(through, direct, mask)
+            self.assertIsInstance(through, int, mask)
 
     def test_pipelinedWriteAfterRead(self) -> None:
         tsmux = self.startTsmux()
@@ -165,8 +135,8 @@ class TailscaledDecidesTests(AccessTestMixin, SynchronousTestCase):
             localapiRequest("PATCH", "prefs", PREFS_PATCH),
             localapiRequest("GET", "status", close=True),
         )
-        direct = pythonAsNobody(PIPELINE, self.tailnet.localapi, *requests)
-        through = pythonAsNobody(PIPELINE, tsmux.socketPath, *requests)
+        direct = pipelineAsNobody(self.tailnet.localapi, *requests)
+        through = pipelineAsNobody(tsmux.socketPath, *requests)
         self.assertEqual(through.returncode, 0, through.stderr)
         self.assertEqual(through.stdout, direct.stdout)
         self.assertEqual(
@@ -236,12 +206,13 @@ class SOCKSAllowListTests(AccessTestMixin, SynchronousTestCase):
             "POST /localapi/v0/dial HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: upgrade\r\n"
             f"Upgrade: ts-dial\r\nDial-Host: 127.0.0.1\r\nDial-Port: {self.tailnet.echoPort}\r\n\r\n"
         )
-        result = pythonAsNobody(PIPELINE, tsmux.socketPath, dial)
+        result = pipelineAsNobody(tsmux.socketPath, dial)
         self.assertEqual(result.stdout.decode().splitlines(), ["HTTP/1.1 403 Forbidden"])
 
     def test_allowedGroup(self) -> None:
         tsmux = self.startTsmux("--socks-allow-gid", str(NOBODY))
         code = pythonAsNobody(
+            "-c",
             "import socket,sys\n"
             "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
             "s.sendall(bytes.fromhex(sys.argv[2])); import time\n"

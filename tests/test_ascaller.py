@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet import error
@@ -40,6 +40,8 @@ from tsmux._ascaller import (
     spawnProcessAs,
 )
 from tsmux._errors import failureReason
+
+from ._waiting import waitUntilAsync
 
 NOBODY = 65534
 AS_NOBODY = Identity(NOBODY, NOBODY, frozenset({NOBODY}))
@@ -89,29 +91,6 @@ def _openSockets() -> int:
         with contextlib.suppress(OSError):
             count += os.readlink(f"/proc/self/fd/{name}").startswith("socket:")
     return count
-
-
-def _pollUntil(condition: Callable[[], object], timeout: float = 10.0) -> Deferred[object]:
-    """Fire with C{condition()}'s first true value, checking every few ms; fail after C{timeout}."""
-    reactor = _reactor()
-    deadline = time.monotonic() + timeout
-    result: Deferred[object] = Deferred()
-
-    def check() -> None:
-        try:
-            value = condition()
-        except BaseException:
-            result.errback(Failure())
-            return
-        if value:
-            result.callback(value)
-        elif time.monotonic() > deadline:
-            result.errback(AssertionError(f"condition not met within {timeout} s"))
-        else:
-            reactor.callLater(0.005, check)
-
-    check()
-    return result
 
 
 class _Peer(Protocol):
@@ -168,7 +147,7 @@ class _UnixListener:
 
     def fill(self) -> list[socket.socket]:
         """Connect until the accept queue is full (EAGAIN), so the next connect must wait."""
-        fillers = []
+        fillers: list[socket.socket] = []
         for _ in range(256):
             filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
             self._test.addCleanup(filler.close)
@@ -259,7 +238,7 @@ class SwitchingOrderTests(SynchronousTestCase):
 
     def fakeOwnIds(self) -> _ascaller._OwnIds:
         state = self.state
-        return _ascaller._OwnIds(tuple(state["uids"]), tuple(state["gids"]), frozenset(state["groups"]))  # type: ignore[arg-type]
+        return _ascaller._OwnIds(tuple(state["uids"]), tuple(state["gids"]), frozenset(state["groups"]))
 
     def fakeIdsNow(self, numbers: object) -> tuple[object, ...]:
         state = self.state
@@ -598,7 +577,7 @@ class ConnectUnixAsTests(TestCase):
         self.assertEqual(_credentials(listener.accept()), (NOBODY, NOBODY, [NOBODY]))
 
     @inlineCallbacks
-    def test_retriesWhileTheQueueIsFull(self) -> Iterator[Deferred[Any]]:
+    def test_retriesWhileTheQueueIsFull(self) -> Generator[Deferred[Any], Any, Any]:
         identity = AS_NOBODY if os.geteuid() == 0 else None
         listener = _UnixListener(self, self.path, backlog=0)
         fillers = listener.fill()
@@ -613,7 +592,7 @@ class ConnectUnixAsTests(TestCase):
         self.assertEqual(_credentials(listener.accept()), expected)
 
     @inlineCallbacks
-    def test_timeoutWhileTheQueueStaysFull(self) -> Iterator[Deferred[Any]]:
+    def test_timeoutWhileTheQueueStaysFull(self) -> Generator[Deferred[Any], Any, Any]:
         listener = _UnixListener(self, self.path, backlog=0)
         listener.fill()
         started = time.monotonic()
@@ -647,15 +626,23 @@ class ConnectUnixAsTests(TestCase):
         self.assertEqual(failureReason(failure), "Connection refused")
 
     @inlineCallbacks
-    def test_bytesFlow(self) -> Iterator[Deferred[Any]]:
+    def test_bytesFlow(self) -> Generator[Deferred[Any], Any, Any]:
         listener = _UnixListener(self, self.path)
         peer = self.connected(None)
         server = listener.accept()
         server.sendall(b"ping")
-        yield _pollUntil(lambda: peer.received == b"ping")
+        yield waitUntilAsync(lambda: peer.received == b"ping")
         peer.transport.write(b"pong")  # type: ignore[union-attr]
         server.setblocking(False)
-        yield _pollUntil(lambda: _recv(server) == b"pong")
+        yield waitUntilAsync(lambda: _recv(server) == b"pong")
+
+
+def _hasReceived(peer: _Peer, data: bytes) -> Callable[[], bool]:
+    return lambda: peer.received == data
+
+
+def _nextRecvIs(connection: socket.socket, data: bytes) -> Callable[[], bool]:
+    return lambda: _recv(connection) == data
 
 
 def _recv(connection: socket.socket) -> bytes:
@@ -691,7 +678,7 @@ class ConnectTCPAsTests(TestCase):
         return listener, listener.getsockname()[1]
 
     @inlineCallbacks
-    def ownedByTheCaller(self, host: str) -> Iterator[Deferred[Any]]:
+    def ownedByTheCaller(self, host: str) -> Generator[Deferred[Any], Any, Any]:
         _requireRoot()
         listener, port = self.listen(host)
         family = listener.family
@@ -704,10 +691,10 @@ class ConnectTCPAsTests(TestCase):
             server, _ = listener.accept()
             self.addCleanup(server.close)
             server.sendall(b"ping")
-            yield _pollUntil(lambda peer=peer: peer.received == b"ping")
+            yield waitUntilAsync(_hasReceived(peer, b"ping"))
             peer.transport.write(b"pong")  # type: ignore[union-attr]
             server.setblocking(False)
-            yield _pollUntil(lambda server=server: _recv(server) == b"pong")
+            yield waitUntilAsync(_nextRecvIs(server, b"pong"))
         self.assertEqual(_tcpOwner(family, port), os.geteuid())  # the listener: ours
 
     def test_ownedByTheCallerIPv4(self) -> Deferred[Any]:
@@ -717,7 +704,7 @@ class ConnectTCPAsTests(TestCase):
         return self.ownedByTheCaller("::1")
 
     @inlineCallbacks
-    def test_refused(self) -> Iterator[Deferred[Any]]:
+    def test_refused(self) -> Generator[Deferred[Any], Any, Any]:
         bound = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound, never listening: RST
         self.addCleanup(bound.close)
         bound.bind(("127.0.0.1", 0))
@@ -751,7 +738,7 @@ class ConnectTCPAsTests(TestCase):
         return connecting, before
 
     @inlineCallbacks
-    def test_timeout(self) -> Iterator[Deferred[Any]]:
+    def test_timeout(self) -> Generator[Deferred[Any], Any, Any]:
         started = time.monotonic()
         connecting, before = self.pending(0.3)
         yield self.assertFailure(connecting, error.TimeoutError)
@@ -783,11 +770,11 @@ class _Collect(ProcessProtocol):
         self.err += data
 
     def processEnded(self, reason: Failure) -> None:
-        self.ended.callback((reason.value.exitCode, self.out, self.err))
+        self.ended.callback((getattr(reason.value, "exitCode", None), self.out, self.err))
 
 
 @inlineCallbacks
-def _spawnablePython(identity: Identity) -> Iterator[Deferred[Any]]:
+def _spawnablePython(identity: Identity) -> Generator[Deferred[Any], Any, Any]:
     """
     A Python that a child as C{identity} may run: pyenv's under /root (mode
     0700) is out of its reach.  (setpriv runs it anyway: it execs with
@@ -816,7 +803,7 @@ def _unusedUid(start: int = 54321) -> int:
 
 class SpawnProcessAsTests(TestCase):
     @inlineCallbacks
-    def childStatus(self, identity: Identity | None) -> Iterator[Deferred[Any]]:
+    def childStatus(self, identity: Identity | None) -> Generator[Deferred[Any], Any, Any]:
         collect = _Collect()
         spawnProcessAs(_reactor(), identity, collect, "cat", ["cat", "/proc/self/status"], {"PATH": "/usr/bin:/bin"})
         code, out, err = yield collect.ended
@@ -824,7 +811,7 @@ class SpawnProcessAsTests(TestCase):
         return _parseStatus(out.decode())
 
     @inlineCallbacks
-    def assertChildIs(self, identity: Identity) -> Iterator[Deferred[Any]]:
+    def assertChildIs(self, identity: Identity) -> Generator[Deferred[Any], Any, Any]:
         before = _snapshot()
         status = yield self.childStatus(identity)
         self.assertEqual(_snapshot(), before)
@@ -852,12 +839,12 @@ class SpawnProcessAsTests(TestCase):
         return self.assertChildIs(Identity(NOBODY, NOBODY, frozenset({NOBODY, 4242})))
 
     @inlineCallbacks
-    def test_asThisProcess(self) -> Iterator[Deferred[Any]]:
+    def test_asThisProcess(self) -> Generator[Deferred[Any], Any, Any]:
         status = yield self.childStatus(None)
         self.assertEqual(status["Uid"].split()[1], str(os.geteuid()))
 
     @inlineCallbacks
-    def test_socketThroughPathDescriptor(self) -> Iterator[Deferred[Any]]:
+    def test_socketThroughPathDescriptor(self) -> Generator[Deferred[Any], Any, Any]:
         """
         A child as uid 65534 cannot reach a socket in a root-only directory by
         its path, but can through the O_PATH descriptor given as fd 3.
@@ -897,7 +884,7 @@ class SpawnProcessAsTests(TestCase):
             os.close(descriptor)
         code, out, err = yield collect.ended
         self.assertEqual((code, out.decode().splitlines()), (0, ["by path: denied", "fd 3: connected"]), err)
-        connection = yield _pollUntil(lambda: _accepted(listener.socket))
+        connection = yield waitUntilAsync(lambda: _accepted(listener.socket))
         self.addCleanup(connection.close)
         connection.setblocking(True)
         connection.settimeout(10)

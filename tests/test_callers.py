@@ -9,17 +9,25 @@ from __future__ import annotations
 import base64
 
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tsmux._auth import Credentials, PasswordThrottle
 from tsmux._escape import escapeText
 from tsmux._limits import ConnectionLimits, connectionsForDescriptors
 from tsmux._mux import MuxFactory
+from tsmux._peercred import PeerCredentials
 from tsmux._policy import AccessPolicy
 from tsmux._socks5 import Reply, buildReply, buildRequest, buildUsernamePassword
 
-from ._fakes import CallerTransport, FakeDialer, FakeLocalAPIAccess, makeContext
+from ._fakes import (
+    DONE,
+    CallerTransport,
+    FakeDialer,
+    FakeLocalAPIAccess,
+    TestCaseMixinBase,
+    capturedEvents,
+    makeContext,
+)
 
 ROOT, NOBODY, ALICE = 0, 65534, 1000
 GREETING_BOTH = b"\x05\x02\x00\x02"
@@ -27,16 +35,14 @@ GREETING_PASSWORD = b"\x05\x01\x02"
 STATUS = b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
 
 
-class CallerMuxMixin:
+class CallerMuxMixin(TestCaseMixinBase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.dialer = FakeDialer()
         self.localapi = FakeLocalAPIAccess()
         self.context = makeContext(self.reactor, self.dialer, self.localapi)
         self.factory = MuxFactory(self.context)
-        self.events: list[dict] = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+        self.events = capturedEvents(self)
 
     def connect(self, uid: int, data: bytes = b"", groups: tuple[int, ...] = ()) -> CallerTransport:
         transport = CallerTransport(uid, groups=groups)
@@ -174,7 +180,7 @@ class LimitTests(CallerMuxMixin, SynchronousTestCase):
         self.connect(NOBODY, b"\x05")
         self.assertTrue(self.connect(NOBODY).disconnected)
         self.assertFalse(self.connect(ALICE).disconnected)
-        first.protocol.connectionLost(None)
+        first.protocol.connectionLost(DONE)
         self.assertFalse(self.connect(NOBODY).disconnected)
 
     def test_rootReserve(self) -> None:
@@ -199,6 +205,7 @@ class LocalAPICallerTests(CallerMuxMixin, SynchronousTestCase):
     def test_connectedAsTheCaller(self) -> None:
         self.connect(NOBODY, STATUS, groups=(65534, 100))
         ((peer, _, _),) = self.localapi.connects
+        assert isinstance(peer, PeerCredentials)
         self.assertEqual((peer.uid, peer.gid, peer.groups), (NOBODY, NOBODY, frozenset({65534, 100})))
 
     def test_refusedWhenTsmuxCannotActAsTheCaller(self) -> None:
@@ -219,7 +226,7 @@ class LocalAPICallerTests(CallerMuxMixin, SynchronousTestCase):
 class EscapingTests(CallerMuxMixin, SynchronousTestCase):
     def test_socksDomainEscapedInTheLogLine(self) -> None:
         transport = self.connect(ALICE, b"\x05\x01\x00" + buildRequest("evil\n2026 forged line\r\x1b[31m", 80))
-        transport.protocol.connectionLost(None)
+        transport.protocol.connectionLost(DONE)
         (line,) = self.lines()
         text = line["line"]
         self.assertNotIn("\n", text)
@@ -231,7 +238,7 @@ class EscapingTests(CallerMuxMixin, SynchronousTestCase):
     def test_usernameEscaped(self) -> None:
         self.context.credentials = Credentials(((b"alice", b"s3cret"),))
         transport = self.connect(ALICE, GREETING_PASSWORD + buildUsernamePassword(b"a\nb", b"x"))
-        transport.protocol.connectionLost(None)
+        transport.protocol.connectionLost(DONE)
         self.assertIn("user='a\\nb'", self.lines()[0]["line"])
 
     def test_escapeText(self) -> None:

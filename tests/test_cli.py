@@ -6,7 +6,6 @@ import os
 import socket
 import stat
 import subprocess
-import time
 
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -19,14 +18,6 @@ from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, ts
 
 def run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT, env=childEnvironment())
-
-
-def waitForLog(tsmux, text: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in tsmux.log():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{text!r} never logged:\n{tsmux.log()}")
-        time.sleep(0.05)
 
 
 class OptionTests(SynchronousTestCase):
@@ -140,7 +131,7 @@ class SocketModeTests(SynchronousTestCase):
             path = os.path.join(shortDir(self), "s.sock")
             previous = os.umask(0o022)
             try:
-                listenOnPath(reactor, path, None, mode, 16)
+                listenOnPath(reactor, path, Factory(), mode, 16)
                 self.assertEqual(os.umask(0o022), 0o022, "umask restored")
             finally:
                 os.umask(previous)
@@ -159,7 +150,7 @@ class DescriptionTests(SynchronousTestCase):
 
         port = listenOnDescription(reactor, "tcp:0:interface=127.0.0.1", Factory(), 16)
         self.addCleanup(port.stopListening)
-        self.assertEqual(port.getHost().host, "127.0.0.1")
+        self.assertEqual(port.getHost().host, "127.0.0.1")  # type: ignore[attr-defined]
 
     def test_badDescription(self) -> None:
         from twisted.internet import reactor
@@ -189,7 +180,7 @@ class GroupAndLogFormatTests(SynchronousTestCase):
         import json
 
         tsmux = startTsmux(self, "--dialer", "direct", "--log-format", "json")
-        waitForLog(tsmux, "tsmux.connection")
+        tsmux.waitForConnectionLines(1)
         tsmux.stop()
         self.assertNotIn("\x1e", tsmux.log())  # plain JSON lines, not json-seq
         events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
@@ -201,7 +192,7 @@ class GroupAndLogFormatTests(SynchronousTestCase):
         tsmux = startTsmux(self, "--dialer", "direct", twistd=True, twistdArgs=["--logger=tsmux.jsonLogObserver"])
         # The readiness probe's connection is logged once the reactor runs (twistd
         # installs its signal handlers only then: a SIGTERM before would just kill it).
-        waitForLog(tsmux, "tsmux.connection")
+        tsmux.waitForConnectionLines(1)
         tsmux.stop()
         events = [json.loads(line) for line in tsmux.log().splitlines() if line.startswith("{")]
         self.assertTrue(any(e.get("log_namespace") == "tsmux.connection" for e in events), tsmux.log())

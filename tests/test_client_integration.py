@@ -16,10 +16,10 @@ from twisted.web.client import HTTPConnectionPool
 from tsmux.client import ConnectionRefused, TsmuxEndpoint, agent
 from tsmux.localapi import LocalAPIClient, LocalAPIError
 
-from ._realsockets import reactor
+from ._realsockets import Collector, reactor
 from ._tailnet import HELLO_BODY
-from .test_client import Collector, deferLater, runExample
-from .test_integration import IntegrationTestMixin
+from ._tsmuxprocess import IntegrationTestMixin, runExample
+from ._waiting import waitUntilAsync
 
 
 class ClientThroughTailscaledTests(IntegrationTestMixin, TestCase):
@@ -43,10 +43,8 @@ class ClientThroughTailscaledTests(IntegrationTestMixin, TestCase):
         collector = await connectProtocol(
             clientFromString(reactor, description), Collector(b"x" * 100_000, halfClose=False)
         )
-        for _ in range(1000):
-            if len(collector.received) >= 100_000:
-                break
-            await deferLater(0.02)
+        await waitUntilAsync(lambda: len(collector.received) >= 100_000, 20, "the echo of all 100,000 bytes")
+        assert collector.transport is not None
         collector.transport.loseConnection()
         self.assertEqual(await collector.done, b"x" * 100_000)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock
 from twisted.python.failure import Failure
@@ -40,11 +42,12 @@ class LocalAPIDialerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.direct = RecordingTCPConnector()
-        self.access = EndpointLocalAPIAccess(self.reactor, SOCKET)
-        self.dialer = LocalAPIDialer(self.reactor, self.access, timeout=10, connectTCP=self.direct)
+        access: Any = EndpointLocalAPIAccess(self.reactor, SOCKET)  # stands for a LocalAPIAccess
+        self.access = access
+        self.dialer = LocalAPIDialer(self.reactor, access, timeout=10, connectTCP=self.direct)
 
-    def dial(self, host: str = "peer", port: int = 80, caller: object = None):
-        results: list[object] = []
+    def dial(self, host: str = "peer", port: int = 80, caller: PeerCredentials | None = None):
+        results: list[Any] = []
         deferred = self.dialer.dial(host, port, caller)
         deferred.addBoth(results.append)
         return deferred, results
@@ -236,7 +239,7 @@ class DirectDialerTests(SynchronousTestCase):
 
     def test_timeout(self) -> None:
         reactor = MemoryReactorClock()
-        results: list[object] = []
+        results: list[Any] = []
         DirectDialer(reactor, timeout=3).dial("192.0.2.1", 80).addBoth(results.append)
         reactor.advance(3.1)
         self.assertIsInstance(results[0].value, DialTimeout)
@@ -247,7 +250,8 @@ class HostileAnswerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.dialer = LocalAPIDialer(self.reactor, EndpointLocalAPIAccess(self.reactor, SOCKET), timeout=10)
+        access: Any = EndpointLocalAPIAccess(self.reactor, SOCKET)  # stands for a LocalAPIAccess
+        self.dialer = LocalAPIDialer(self.reactor, access, timeout=10)
 
     def accept(self) -> TsDialProtocol:
         protocol = self.reactor.unixClients[-1][1].buildProtocol(None)
@@ -258,7 +262,7 @@ class HostileAnswerTests(SynchronousTestCase):
 
     def test_nonASCIIDigitsAreGarbage(self) -> None:
         for answer in (b"HTTP/1.1 \xb2\xb3\xb9 X\r\n\r\n", b"HTTP/1.1 502 Bad\r\nContent-Length: \xb9\r\n\r\nx"):
-            results: list[object] = []
+            results: list[Any] = []
             self.dialer.dial("peer", 80).addBoth(results.append)
             self.accept().dataReceived(answer)
             self.assertIs(type(results[0].value), DialError, answer)
@@ -271,7 +275,7 @@ class HostileAnswerTests(SynchronousTestCase):
         self.assertIsNot(self.dialer.health.reachable, False)
 
     def test_bodilessStatusAnswersAtOnce(self) -> None:
-        results: list[object] = []
+        results: list[Any] = []
         self.dialer.dial("peer", 80).addBoth(results.append)
         self.accept().dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
         self.assertIs(type(results[0].value), DialError)

@@ -57,7 +57,7 @@ class PolicyTests(SynchronousTestCase):
 
 class DialFilterFixture:
     def setUp(self) -> None:
-        self.finished: list[DialFilterRelay] = []
+        self.finished: list[object] = []
         self.relay = DialFilterRelay(MemoryReactorClock(), REASON, lambda relay, reason: self.finished.append(relay))
         self.client = HalfCloseStringTransport()
         upstream, self.upstream = connectedUpstream()

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import reactor, threads
-from twisted.logger import globalLogPublisher
+from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
 from tsmux import _context, _relay
 from tsmux._hangup import sweepHungUp
 
-from ._realsockets import Sink, listenTCP, socksConnect, startMux, waitFor
+from ._fakes import capturedEvents
+from ._realsockets import Sink, listenTCP, reactor, socksConnect, startMux
+from ._waiting import waitUntilAsync
 
 
 def fillUntilPaused(path: str, port: int) -> socket.socket:
@@ -51,20 +52,18 @@ class HangupSweepTests(TestCase):
         sock = await threads.deferToThread(fillUntilPaused, path, port)
         self.addCleanup(sock.close)
         (relay,) = context.relays
-        await waitFor(lambda: relay.client.transport not in reactor.getReaders(), what="the client to be paused")
+        await waitUntilAsync(lambda: relay.client.transport not in reactor.getReaders(), what="the client to be paused")
         return context, relay, sock
 
     async def test_hungUpClientIsDropped(self) -> None:
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capturedEvents(self)
         context, relay, sock = await self.pausedRelay()
         self.assertEqual(sweepHungUp(reactor, context.relays), 0)
         sock.close()
-        await waitFor(lambda: relay.client.lost, what="the sweep to drop the client end")
+        await waitUntilAsync(lambda: relay.client.lost, what="the sweep to drop the client end")
         self.assertIs(relay.hungUp, relay.client)
         # the target never reads: it gets the linger to take what is queued, then is cut
-        await waitFor(lambda: not context.openConnections, timeout=5, what="the relay to end")
+        await waitUntilAsync(lambda: not context.openConnections, timeout=5, what="the relay to end")
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         self.assertEqual(line["outcome"], "client-closed")
         self.assertIn("hung up while tsmux was not reading it", line["detail"])
@@ -73,11 +72,11 @@ class HangupSweepTests(TestCase):
         context, relay, sock = await self.pausedRelay()
         sock.shutdown(socket.SHUT_WR)
         seen = self.sweeps
-        await waitFor(lambda: self.sweeps >= seen + 3, what="three sweeps")
+        await waitUntilAsync(lambda: self.sweeps >= seen + 3, what="three sweeps")
         self.assertFalse(relay.client.lost)
         self.assertEqual(sweepHungUp(reactor, context.relays), 0)
         sock.close()
-        await waitFor(lambda: relay.client.lost, what="the sweep to see the hang-up")
+        await waitUntilAsync(lambda: relay.client.lost, what="the sweep to see the hang-up")
 
 
 class HangupSweepTestsSpliced(HangupSweepTests):

@@ -13,34 +13,28 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
+from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
 from tsmux._dialers import buildDialRequest
 from tsmux._socks5 import buildRequest
 
-from ._otheruser import requireOtherUser
+from ._httpclient import socksCurl
+from ._otheruser import NOBODY_IDS, requireOtherUser, runPythonAs
+from ._realsockets import recvExactly
 from ._tailnet import HELLO_BODY
-from ._tsmuxprocess import TsmuxProcess
-from .test_integration import IntegrationTestMixin, assertCleanLog, socksCurl
+from ._tsmuxprocess import IntegrationTestMixin, TsmuxProcess, assertCleanLog
+from ._waiting import waitUntil
+
+# A SOCKS5 greeting (no authentication) and its answer, then a CONNECT's answer for an IPv4 target.
+GREETING = b"\x05\x01\x00"
+SOCKS5_ANSWERS = 2 + 10
 
 
-def openFds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def waitFor(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def mutate(rng: random.Random, data: bytes) -> bytes:
-    data = bytearray(data)
+def mutate(rng: random.Random, original: bytes) -> bytes:
+    data = bytearray(original)
     for _ in range(rng.randint(1, 4)):
         choice = rng.random()
         if choice < 0.4 and data:
@@ -108,22 +102,70 @@ print("done", len(inputs))
 
 
 class HostileTestMixin(IntegrationTestMixin):
-    def startTsmux(self, *args: str, **kw) -> TsmuxProcess:
+    def startTsmux(self, *args: str, **kw: Any) -> TsmuxProcess:
         return super().startTsmux("--mode", "0666", *args, **kw)
 
     def goodClientWorks(self, tsmux: TsmuxProcess) -> None:
-        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
+
+    def relayedEcho(self, tsmux: TsmuxProcess) -> socket.socket:
+        """A SOCKS5 connection to the echo target, relaying once this returns."""
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.settimeout(10)
+        sock.connect(tsmux.socketPath)
+        sock.sendall(GREETING + buildRequest("127.0.0.1", self.tailnet.echoPort))
+        self.assertEqual(recvExactly(sock, SOCKS5_ANSWERS)[:4], b"\x05\x00\x05\x00")
+        return sock
+
+    def curlToFile(self, tsmux: TsmuxProcess, size: int, rate: str) -> tuple[subprocess.Popen[bytes], str]:
+        """curl downloading C{size} bytes through tsmux at C{rate}, into a file (returned) as they come."""
+        directory = self.mktemp()
+        os.makedirs(directory)
+        output = os.path.join(directory, "download")
+        curl = subprocess.Popen(
+            [
+                "curl",
+                "-sS",
+                "--limit-rate",
+                rate,
+                "-o",
+                output,
+                "-x",
+                f"socks5h://localhost{tsmux.socketPath}",
+                f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self.addCleanup(stopCurl, curl)
+        return curl, output
+
+
+def stopCurl(curl: subprocess.Popen[bytes]) -> None:
+    if curl.poll() is None:
+        curl.kill()
+    curl.wait()
+    if curl.stderr is not None:
+        curl.stderr.close()
+
+
+def downloadStarted(path: str) -> bool:
+    """Whether a download into C{path} has its first bytes."""
+    try:
+        return os.path.getsize(path) > 0
+    except OSError:
+        return False
 
 
 class FuzzTests(HostileTestMixin, SynchronousTestCase):
     def test_thousandsOfHostileInputs(self) -> None:
         requireOtherUser()
         tsmux = self.startTsmux("--detect-timeout", "2", "--handshake-timeout", "2", "--dial-timeout", "3")
-        pid = tsmux.process.pid
         self.goodClientWorks(tsmux)
-        time.sleep(0.3)
-        baseline = openFds(pid)
+        tsmux.waitForConnectionLines(2)  # the readiness probe's and the good client's: all closed
+        baseline = tsmux.openFds()
         inputs = hostileInputs(20261125, 3000, self.tailnet.echoPort, self.tailnet.closedPort)
         hexed = [data.hex() for data in inputs]
         halves = (hexed[:1500], hexed[1500:])
@@ -134,22 +176,18 @@ class FuzzTests(HostileTestMixin, SynchronousTestCase):
             timeout=300,
         )
         self.assertEqual(root.returncode, 0, root.stderr)
-        nobody = pythonAsNobodyWithInput(FUZZER, tsmux.socketPath, json.dumps(halves[1]).encode())
+        nobody = runPythonAs(
+            NOBODY_IDS, "-c", FUZZER, tsmux.socketPath, input=json.dumps(halves[1]).encode(), timeout=300
+        )
         self.assertEqual(nobody.returncode, 0, nobody.stderr)
         self.assertIsNone(tsmux.process.poll(), "tsmux died")
         self.goodClientWorks(tsmux)
-        waitFor(lambda: openFds(pid) <= baseline, 30, f"tsmux's fds back to {baseline} (now {openFds(pid)})")
+        waitUntil(
+            lambda: tsmux.openFds() <= baseline, 30, lambda: f"tsmux's fds back to {baseline} (now {tsmux.openFds()})"
+        )
         log = tsmux.log()
         assertCleanLog(self, log)
         self.assertGreater(log.count("tsmux.connection"), 3000)
-
-
-def pythonAsNobodyWithInput(script: str, path: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
-    from ._otheruser import _SETPRIV, pythonForNobody
-
-    python = pythonForNobody()
-    assert python is not None, "no interpreter for uid 65534"
-    return subprocess.run([*_SETPRIV, python, "-c", script, path], input=data, capture_output=True, timeout=300)
 
 
 class SilentConnectionTests(HostileTestMixin, SynchronousTestCase):
@@ -160,7 +198,8 @@ class SilentConnectionTests(HostileTestMixin, SynchronousTestCase):
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(tsmux.socketPath)
             silent.append(sock)
-        self.addCleanup(lambda: [s.close() for s in silent])
+        for sock in silent:
+            self.addCleanup(sock.close)
         started = time.monotonic()
         self.goodClientWorks(tsmux)
         self.assertLess(time.monotonic() - started, 1.5, "the good client waited behind the silent ones")
@@ -175,13 +214,16 @@ class SilentConnectionTests(HostileTestMixin, SynchronousTestCase):
 class MaxConnectionsTests(HostileTestMixin, SynchronousTestCase):
     def test_exactlyTheExcessRefusedThenServiceResumes(self) -> None:
         tsmux = self.startTsmux("--max-connections", "20", "--detect-timeout", "60")
-        time.sleep(0.2)  # the readiness probe's connection is gone
+        tsmux.waitForConnectionLines(1)  # the readiness probe's connection is gone
         held = []
         for _ in range(20):
             sock = socket.socket(socket.AF_UNIX)
             sock.connect(tsmux.socketPath)
             held.append(sock)
-        time.sleep(0.5)  # all accepted
+        for sock in held:
+            self.addCleanup(sock.close)
+        # No need to wait for tsmux to accept them: a listening Unix socket's queue is first in,
+        # first out, so tsmux takes these 20 before any of the 5 below.
         for _ in range(5):
             extra = socket.socket(socket.AF_UNIX)
             extra.settimeout(5)
@@ -193,7 +235,7 @@ class MaxConnectionsTests(HostileTestMixin, SynchronousTestCase):
             extra.close()
         for sock in held:
             sock.close()
-        time.sleep(0.3)
+        tsmux.waitForConnectionLines(1 + 20)  # the 20 closed (refused connections have no line)
         self.goodClientWorks(tsmux)
         tsmux.stop()
         log = tsmux.log()
@@ -206,35 +248,18 @@ class ShutdownTests(HostileTestMixin, SynchronousTestCase):
     def test_sigtermDuringATransferLetsItFinish(self) -> None:
         size = 40 * 1024 * 1024
         tsmux = self.startTsmux()
-        curl = subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "--limit-rate",
-                "20M",
-                "-o",
-                "-",
-                "-x",
-                f"socks5h://localhost{tsmux.socketPath}",
-                f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        received: list[bytes] = []
-        reader = threading.Thread(target=lambda: received.append(curl.stdout.read()))
-        reader.start()
-        time.sleep(0.7)
+        curl, output = self.curlToFile(tsmux, size, "20M")
+        waitUntil(lambda: downloadStarted(output), what="the download to be under way")
         tsmux.process.send_signal(signal.SIGTERM)
-        waitFor(lambda: not os.path.exists(tsmux.socketPath), 5, "the socket to be removed")
+        waitUntil(lambda: not os.path.exists(tsmux.socketPath), 5, "the socket to be removed")
         refused = socket.socket(socket.AF_UNIX)
         with self.assertRaises(OSError):
             refused.connect(tsmux.socketPath)
         refused.close()
-        reader.join(60)
         curl.wait(60)
+        assert curl.stderr is not None
         self.assertEqual(curl.returncode, 0, curl.stderr.read())
-        self.assertEqual(len(received[0]), size)
+        self.assertEqual(os.path.getsize(output), size)
         self.assertEqual(tsmux.process.wait(30), 0)
         log = tsmux.log()
         self.assertIn("waiting up to 30 s for 1 open connection(s)", log)
@@ -242,12 +267,9 @@ class ShutdownTests(HostileTestMixin, SynchronousTestCase):
 
     def test_secondSignalCutsAtOnce(self) -> None:
         tsmux = self.startTsmux("--shutdown-timeout", "60")
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(tsmux.socketPath)
-        sock.sendall(b"\x05\x01\x00" + buildRequest("127.0.0.1", self.tailnet.echoPort))
-        time.sleep(0.3)
+        sock = self.relayedEcho(tsmux)
         tsmux.process.send_signal(signal.SIGTERM)
-        time.sleep(0.3)
+        tsmux.waitForLog("waiting up to 60 s for 1 open connection(s)")  # the first signal was handled
         tsmux.process.send_signal(signal.SIGTERM)
         self.assertEqual(tsmux.process.wait(10), 0)
         sock.close()
@@ -258,10 +280,7 @@ class ShutdownTests(HostileTestMixin, SynchronousTestCase):
 
     def test_shutdownTimeoutCutsWhatIsLeft(self) -> None:
         tsmux = self.startTsmux("--shutdown-timeout", "1")
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(tsmux.socketPath)
-        sock.sendall(b"\x05\x01\x00" + buildRequest("127.0.0.1", self.tailnet.echoPort))
-        time.sleep(0.3)
+        sock = self.relayedEcho(tsmux)
         tsmux.process.send_signal(signal.SIGTERM)
         self.assertEqual(tsmux.process.wait(10), 0)
         sock.close()
@@ -271,34 +290,17 @@ class ShutdownTests(HostileTestMixin, SynchronousTestCase):
 class TailscaledDiesTests(HostileTestMixin, SynchronousTestCase):
     def test_killedMidTransfer(self) -> None:
         tsmux = self.startTsmux()
-        pid = tsmux.process.pid
         self.goodClientWorks(tsmux)
-        time.sleep(0.3)
-        baseline = openFds(pid)
-        curls = [
-            subprocess.Popen(
-                [
-                    "curl",
-                    "-sS",
-                    "--limit-rate",
-                    "5M",
-                    "-o",
-                    "/dev/null",
-                    "-x",
-                    f"socks5h://localhost{tsmux.socketPath}",
-                    f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={50 * 1024 * 1024}",
-                ],
-                stderr=subprocess.PIPE,
-            )
-            for _ in range(3)
-        ]
-        time.sleep(0.8)
+        tsmux.waitForConnectionLines(2)  # the readiness probe's and the good client's: all closed
+        baseline = tsmux.openFds()
+        downloads = [self.curlToFile(tsmux, 50 * 1024 * 1024, "5M") for _ in range(3)]
+        waitUntil(lambda: all(downloadStarted(output) for _, output in downloads), what="the downloads to be under way")
         self.tailnet.killTailscaled()
-        for curl in curls:
+        for curl, _ in downloads:
             curl.wait(30)
             self.assertNotEqual(curl.returncode, 0)  # cut short, and told so
         self.assertIsNone(tsmux.process.poll())
         self.tailnet.startTailscaled()
         self.goodClientWorks(tsmux)
-        waitFor(lambda: openFds(pid) <= baseline, 20, f"fds back to {baseline} (now {openFds(pid)})")
+        waitUntil(lambda: tsmux.openFds() <= baseline, 20, lambda: f"fds back to {baseline} (now {tsmux.openFds()})")
         assertCleanLog(self, tsmux.log())

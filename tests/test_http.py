@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,9 +24,16 @@ from tsmux._http import (
 UPGRADE = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: ts-dial\r\nConnection: upgrade\r\n\r\n"
 
 
+def parsedHead(data: bytes) -> tuple[ResponseHead, int]:
+    """L{parseResponseHead}'s answer for C{data}, which must hold a whole head."""
+    result = parseResponseHead(data)
+    assert result is not None, "the head is incomplete"
+    return result
+
+
 class ResponseHeadTests(SynchronousTestCase):
     def test_upgrade(self) -> None:
-        head, used = parseResponseHead(UPGRADE + b"raw")
+        head, used = parsedHead(UPGRADE + b"raw")
         self.assertEqual((head.status, head.reason, used), (101, "Switching Protocols", len(UPGRADE)))
         self.assertEqual(head.header("upgrade"), "ts-dial")
         self.assertIsNone(head.header("Dial-Self"))
@@ -47,7 +56,7 @@ class ResponseHeadTests(SynchronousTestCase):
 
     def test_simpleResponse(self) -> None:
         response = buildSimpleResponse(502, "Bad Gateway", "tsmux: unreachable\n")
-        head, used = parseResponseHead(response)
+        head, used = parsedHead(response)
         self.assertEqual((head.status, head.contentLength()), (502, len(response) - used))
         self.assertEqual(head.header("Connection"), "close")
 
@@ -69,9 +78,9 @@ CHUNKED = (
 )
 
 
-def frame(data: bytes, cuts: list[int]) -> list[object]:
+def frame(data: bytes, cuts: list[int]) -> list[Any]:
     framer = RequestFramer()
-    events: list[object] = []
+    events: list[Any] = []
     start = 0
     for end in sorted({c for c in cuts if 0 < c < len(data)}) + [len(data)]:
         events.extend(framer.receive(data[start:end]))

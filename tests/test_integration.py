@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import time
 
@@ -16,52 +15,16 @@ from twisted.trial.unittest import SynchronousTestCase
 from tsmux._dialers import buildDialRequest
 from tsmux._socks5 import Reply
 
-from ._realsockets import httpGet, pattern, recvAll, recvExactly, socksConnect
-from ._tailnet import HELLO_BODY, startPrivateTailnet, tailnetSkipReason
-from ._tsmuxprocess import TsmuxProcess, startTsmux
-
-
-def curl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, timeout=timeout)
-
-
-def socksCurl(tsmux: TsmuxProcess, url: str, *args: str) -> subprocess.CompletedProcess[bytes]:
-    return curl("-x", f"socks5h://localhost{tsmux.socketPath}", *args, url)
-
-
-def localapiGet(socketPath: str, path: str) -> tuple[int, bytes]:
-    head, body = httpGet(socketPath, path)
-    return int(head.split(b" ", 2)[1]), body
-
-
-def assertCleanLog(testCase, log: str) -> None:
-    """No traceback or unhandled error in a tsmux log; on failure, show where (not the whole log)."""
-    for marker in ("Traceback", "Unhandled"):
-        index = log.find(marker)
-        if index >= 0:
-            testCase.fail(f"{marker!r} in tsmux's log:\n{log[max(0, index - 300) : index + 3000]}")
-
-
-class IntegrationTestMixin:
-    skip = tailnetSkipReason()
-
-    def setUp(self) -> None:
-        self.tailnet = startPrivateTailnet(self)
-
-    def startTsmux(self, *args: str, **kw) -> TsmuxProcess:
-        tsmux = startTsmux(self, "--localapi", self.tailnet.localapi, *args, **kw)
-        self.addCleanup(self.assertNoTraceback, tsmux)
-        return tsmux
-
-    def assertNoTraceback(self, tsmux: TsmuxProcess) -> None:
-        tsmux.stop()
-        assertCleanLog(self, tsmux.log())
+from ._httpclient import buildRequest, connect, curl, exchange, request, socksCurl, statusLines
+from ._realsockets import pattern, recvExactly, socksConnect
+from ._tailnet import HELLO_BODY
+from ._tsmuxprocess import IntegrationTestMixin
 
 
 class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
     def test_curlOverTheUnixSocket(self) -> None:
         tsmux = self.startTsmux()
-        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
         tsmux.stop()
         (line,) = [line for line in tsmux.log().splitlines() if "socks5 pid=" in line]
@@ -72,7 +35,7 @@ class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
         size = 64 * 1024 * 1024
         tsmux = self.startTsmux()
         started = time.monotonic()
-        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/big?n={size}")
         elapsed = time.monotonic() - started
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(hashlib.sha256(result.stdout).digest(), hashlib.sha256(pattern(size)).digest())
@@ -98,17 +61,17 @@ class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
         url = f"http://127.0.0.1:{self.tailnet.httpPort}/"
         self.tailnet.stopTailscaled()
         started = time.monotonic()
-        result = socksCurl(tsmux, url)
+        result = socksCurl(tsmux.socketPath, url)
         self.assertEqual(result.returncode, 97, result.stderr)  # curl: SOCKS5 connection failed
         self.assertLess(time.monotonic() - started, 5)
-        status, body = localapiGet(tsmux.socketPath, "/localapi/v0/status")
-        self.assertEqual(status, 502)
-        self.assertIn(f"LocalAPI at {self.tailnet.localapi} is unreachable".encode(), body)
+        response = request(tsmux.socketPath, "/localapi/v0/status")
+        self.assertEqual(response.status, 502)
+        self.assertIn(f"LocalAPI at {self.tailnet.localapi} is unreachable".encode(), response.body)
 
         self.tailnet.startTailscaled()
-        result = socksCurl(tsmux, url)
+        result = socksCurl(tsmux.socketPath, url)
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
-        self.assertEqual(localapiGet(tsmux.socketPath, "/localapi/v0/status")[0], 200)
+        self.assertEqual(request(tsmux.socketPath, "/localapi/v0/status").status, 200)
         log = tsmux.log()
         self.assertEqual(log.count("is unreachable ("), 1, log)
         self.assertIn("is reachable again", log)
@@ -118,13 +81,15 @@ class MetricsIntegrationTests(IntegrationTestMixin, SynchronousTestCase):
     def test_metricsCountWhatHappened(self) -> None:
         tsmux = self.startTsmux()
         for _ in range(3):
-            self.assertEqual(socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/").returncode, 0)
-        self.assertEqual(socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.closedPort}/").returncode, 97)
-        self.assertEqual(localapiGet(tsmux.socketPath, "/localapi/v0/status")[0], 200)
-        time.sleep(0.3)
-        status, body = localapiGet(tsmux.socketPath, "/tsmux/v0/metrics")
-        self.assertEqual(status, 200)
-        text = body.decode()
+            self.assertEqual(socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/").returncode, 0)
+        self.assertEqual(socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.closedPort}/").returncode, 97)
+        self.assertEqual(request(tsmux.socketPath, "/localapi/v0/status").status, 200)
+        # The readiness probe, four SOCKS5 connections and the LocalAPI request: each is counted
+        # in the same turn of tsmux's reactor that logs its line.
+        tsmux.waitForConnectionLines(6)
+        response = request(tsmux.socketPath, "/tsmux/v0/metrics")
+        self.assertEqual(response.status, 200)
+        text = response.text
         self.assertIn('tsmux_connections_total{protocol="socks5",outcome="ok"} 3', text)
         self.assertIn('tsmux_connections_total{protocol="socks5",outcome="dial-error"} 1', text)
         self.assertIn('tsmux_connections_total{protocol="localapi",outcome="ok"} 1', text)
@@ -160,21 +125,14 @@ class LocalAPIPassthroughTests(IntegrationTestMixin, SynchronousTestCase):
 
     def test_keepAliveAndPipelining(self) -> None:
         tsmux = self.startTsmux()
-        request = b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n\r\n"
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(10)
-        sock.connect(tsmux.socketPath)
-        sock.sendall(request * 3 + request.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
-        data = recvAll(sock)
-        sock.close()
-        self.assertEqual(data.count(b"HTTP/1.1 200 OK"), 4)
+        status = buildRequest("GET", "/localapi/v0/status", close=False)
+        data = exchange(tsmux.socketPath, status * 3 + buildRequest("GET", "/localapi/v0/status"))
+        self.assertEqual(statusLines(data), ["HTTP/1.1 200 OK"] * 4)
 
     def test_tsDialThroughThePassthrough(self) -> None:
         """A LocalAPI client doing its own ts-dial upgrade through tsmux reaches the target."""
         tsmux = self.startTsmux()
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(10)
-        sock.connect(tsmux.socketPath)
+        sock = connect(tsmux.socketPath)
         sock.sendall(buildDialRequest("127.0.0.1", self.tailnet.echoPort) + b"pipelined")
         head = b""
         while b"\r\n\r\n" not in head:
@@ -187,7 +145,6 @@ class LocalAPIPassthroughTests(IntegrationTestMixin, SynchronousTestCase):
 class TwistdPluginTests(IntegrationTestMixin, SynchronousTestCase):
     def test_sameBehaviourUnderTwistd(self) -> None:
         tsmux = self.startTsmux(twistd=True)
-        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
-        status, _ = localapiGet(tsmux.socketPath, "/localapi/v0/status")
-        self.assertEqual(status, 200)
+        self.assertEqual(request(tsmux.socketPath, "/localapi/v0/status").status, 200)

@@ -8,7 +8,8 @@ import socket
 from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
-from ._realsockets import Echo, httpGet, listenTCP, recvAll, recvExactly, socksConnect, startMux, waitUntilClosed
+from ._httpclient import buildRequest, exchange, request
+from ._realsockets import Echo, listenTCP, recvAll, recvExactly, socksConnect, startMux, waitUntilClosed
 
 
 class TsmuxAPITests(TestCase):
@@ -33,10 +34,10 @@ class TsmuxAPITests(TestCase):
 
         await threads.deferToThread(traffic)
         await waitUntilClosed(factory)
-        head, body = await threads.deferToThread(httpGet, path, "/tsmux/v0/metrics")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200 OK"), head)
-        self.assertIn(b"text/plain; version=0.0.4", head)
-        text = body.decode()
+        response = await threads.deferToThread(request, path, "/tsmux/v0/metrics")
+        self.assertEqual(response.status, 200)
+        self.assertIn("text/plain; version=0.0.4", response.header("Content-Type") or "")
+        text = response.text
         self.assertIn('tsmux_connections_total{protocol="socks5",outcome="ok"} 1', text)
         self.assertIn('tsmux_connections_total{protocol="socks5",outcome="dial-error"} 1', text)
         self.assertIn('tsmux_connections_total{protocol="rejected",outcome="client-error"} 1', text)
@@ -46,16 +47,16 @@ class TsmuxAPITests(TestCase):
 
     async def test_status(self) -> None:
         path, factory = startMux(self)
-        head, body = await threads.deferToThread(httpGet, path, "/tsmux/v0/status")
-        status = json.loads(body)
+        response = await threads.deferToThread(request, path, "/tsmux/v0/status")
+        status = json.loads(response.body)
         self.assertEqual(status["dialer"], "direct")
         self.assertEqual(status["localapi"]["path"], "/nonexistent/tailscaled.sock")
         self.assertEqual(status["openConnections"], 1)
 
     async def test_unknownEndpoint(self) -> None:
         path, _ = startMux(self)
-        head, _ = await threads.deferToThread(httpGet, path, "/tsmux/v0/nope")
-        self.assertTrue(head.startswith(b"HTTP/1.1 404"), head)
+        response = await threads.deferToThread(request, path, "/tsmux/v0/nope")
+        self.assertEqual(response.status, 404)
 
 
 class TsmuxAPIHeadTests(TestCase):
@@ -63,16 +64,7 @@ class TsmuxAPIHeadTests(TestCase):
 
     async def test_headHasNoBody(self) -> None:
         path, _ = startMux(self)
-
-        def head() -> bytes:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(10)
-            sock.connect(path)
-            sock.sendall(b"HEAD /tsmux/v0/status HTTP/1.1\r\nHost: x\r\n\r\n")
-            data = recvAll(sock)
-            sock.close()
-            return data
-
-        data = await threads.deferToThread(head)
+        # Raw: the server must send no body, and close after the HEAD (no Connection: close asked).
+        data = await threads.deferToThread(exchange, path, buildRequest("HEAD", "/tsmux/v0/status", close=False))
         self.assertTrue(data.startswith(b"HTTP/1.1 200 OK"), data)
         self.assertTrue(data.endswith(b"\r\n\r\n"), data)

@@ -6,9 +6,9 @@ import json
 import os
 import socket
 import sys
+from typing import Any
 
 from twisted.internet import threads
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
@@ -18,6 +18,7 @@ from tsmux._nc import NcDialer
 from tsmux._peercred import PeerCredentials
 from tsmux._socks5 import Reply
 
+from ._fakes import capturedEvents
 from ._otheruser import NOBODY, requireOtherUser
 from ._realsockets import (
     Echo,
@@ -28,11 +29,11 @@ from ._realsockets import (
     shortTempDir,
     socksConnect,
     startMux,
-    waitFor,
     waitUntilClosed,
 )
 from ._tailnet import startPrivateTailnet, tailnetSkipReason
 from ._tsmuxprocess import startTsmux
+from ._waiting import waitUntilAsync
 
 FAKE_NC = """#!{python}
 # Stands in for `tailscale --socket PATH nc HOST PORT`; records that it ran.
@@ -44,7 +45,7 @@ if host == "refuse.invalid":
     sys.exit(1)
 if host == "slow.invalid":
     import time
-    time.sleep(20)  # still "dialing", not reading stdin
+    time.sleep(20)  # not a wait: a dial that never finishes (not reading stdin) is the case under test
     sys.exit(1)
 sock = socket.create_connection((host, port))
 die = host == "localhost"
@@ -154,9 +155,7 @@ class NcDialerTests(TestCase):
             sock.close()
             return data
 
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capturedEvents(self)
         data = await threads.deferToThread(client)
         self.assertEqual(data[:3], b"\x05\x00\x05")
         self.assertEqual(data[3], Reply.SUCCEEDED)
@@ -245,10 +244,10 @@ class NcAsCallerTests(TestCase):
 
     async def test_childRunsAsTheCaller(self) -> None:
         caller = PeerCredentials(1, NOBODY, NOBODY, frozenset({NOBODY, 4242}))
-        upstream = await self.dialer.dial("127.0.0.1", 9, caller)
+        upstream: Any = await self.dialer.dial("127.0.0.1", 9, caller)
         upstream.abort()
         process = upstream.process
-        await waitFor(lambda: process.pid is None and not process.pipes, what="the child to be reaped")
+        await waitUntilAsync(lambda: process.pid is None and not process.pipes, what="the child to be reaped")
         with open(self.marker) as f:
             (line,) = f.read().splitlines()
         ids, gids, groups, socketPath, reached = eval(line)  # written by the fake just above

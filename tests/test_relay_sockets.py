@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 from twisted.internet import defer, task, threads
-from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tsmux import _relay
@@ -17,6 +16,7 @@ from tsmux._peercred import _peerGroups
 from tsmux._socks5 import buildRequest
 from tsmux._splice import PIPE_SIZE
 
+from ._fakes import capturedEvents
 from ._otheruser import requireOtherUser
 from ._realsockets import (
     Echo,
@@ -32,8 +32,9 @@ from ._realsockets import (
     shortTempDir,
     socksConnect,
     startMux,
-    waitFor,
+    waitUntilReactorRuns,
 )
+from ._waiting import waitUntilAsync
 
 
 class HalfCloseTests(TestCase):
@@ -99,6 +100,8 @@ class FlowControlTests(TestCase):
         (relay,) = factory.relays
         self.assertEqual(relay.splice is not None, self.splice)
         peaks = []
+        # Not a wait: what is under test is that the buffers stay bounded over a while (0.5 s)
+        # in which the client reads nothing, sampled every 20 ms.
         for _ in range(25):
             await task.deferLater(reactor, 0.02, lambda: None)
             peaks.append(relayBufferedBytes(factory))
@@ -123,7 +126,7 @@ class LingerTests(TestCase):
         path, factory = startMux(self, splice=False)
         port = listenTCP(self, Sink)
 
-        def client() -> None:
+        def client() -> socket.socket:
             sock, reply = socksConnect(path, "127.0.0.1", port)
             assert reply == 0
             sock.settimeout(1)
@@ -138,10 +141,10 @@ class LingerTests(TestCase):
         sock = await threads.deferToThread(client)
         self.addCleanup(sock.close)
         (relay,) = factory.relays
-        await waitFor(lambda: relay.client.transport not in reactor.getReaders(), what="the client to be paused")
+        await waitUntilAsync(lambda: relay.client.transport not in reactor.getReaders(), what="the client to be paused")
         for record in list(factory.openConnections):
             record.transport.abortConnection()
-        await waitFor(lambda: not factory.openConnections, timeout=5, what="the relay to be cut")
+        await waitUntilAsync(lambda: not factory.openConnections, timeout=5, what="the relay to be cut")
 
 
 class OptimisticDataTests(TestCase):
@@ -169,9 +172,7 @@ class ByteCountTests(TestCase):
     async def test_logLineCountsEveryByte(self) -> None:
         path, factory = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capturedEvents(self)
         payload = os.urandom(3 * 1024 * 1024 + 17)
 
         def client() -> bytes:
@@ -184,7 +185,7 @@ class ByteCountTests(TestCase):
             return data
 
         self.assertEqual(await threads.deferToThread(client), payload)
-        await waitFor(lambda: not factory.openConnections, what="the connection to end")
+        await waitUntilAsync(lambda: not factory.openConnections, what="the connection to end")
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         handshake = len(b"\x05\x01\x00" + buildRequest("127.0.0.1", echoPort))
         self.assertEqual(line["bytesFromClient"], handshake + len(payload))
@@ -199,7 +200,7 @@ class ResourceTests(TestCase):
     async def test_noFdLeakAfterManyConnections(self) -> None:
         path, factory = startMux(self, splice=self.splice)
         echoPort = listenTCP(self, Echo)
-        await task.deferLater(reactor, 0.05, lambda: None)
+        await waitUntilReactorRuns()
         before = openFds()
 
         def clients(count: int) -> None:
@@ -214,8 +215,8 @@ class ResourceTests(TestCase):
                 sock.close()
 
         await defer.gatherResults([threads.deferToThread(clients, 60) for _ in range(4)])
-        await waitFor(lambda: not factory.openConnections, what="connections to close")
-        await waitFor(lambda: openFds() <= before, what=f"fds back to {before}")
+        await waitUntilAsync(lambda: not factory.openConnections, what="connections to close")
+        await waitUntilAsync(lambda: openFds() <= before, what=f"fds back to {before}")
         self.assertEqual(openFds(), before)
 
     async def test_burstOfConnectsQueues(self) -> None:
@@ -236,7 +237,7 @@ class ResourceTests(TestCase):
                     sock.close()
 
         self.assertEqual(await threads.deferToThread(burst), 400)
-        await waitFor(lambda: not factory.openConnections, what="connections to close")
+        await waitUntilAsync(lambda: not factory.openConnections, what="connections to close")
 
 
 class PeerCredentialTests(TestCase):
@@ -245,9 +246,7 @@ class PeerCredentialTests(TestCase):
 
     async def test_logLineNamesTheCaller(self) -> None:
         path, factory = startMux(self, splice=self.splice)
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        events = capturedEvents(self)
 
         def client() -> None:
             sock, reply = socksConnect(path, "127.0.0.1", 1)
@@ -255,7 +254,7 @@ class PeerCredentialTests(TestCase):
             sock.close()
 
         await threads.deferToThread(client)
-        await waitFor(lambda: any(e.get("log_namespace") == "tsmux.connection" for e in events))
+        await waitUntilAsync(lambda: any(e.get("log_namespace") == "tsmux.connection" for e in events))
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         self.assertEqual((line["pid"], line["uid"], line["gid"]), (os.getpid(), os.getuid(), os.getgid()))
         self.assertEqual((line["outcome"], line["reply"], line["errorKind"]), ("dial-error", 5, "connection-refused"))
@@ -300,7 +299,8 @@ class PeerGroupsTests(SynchronousTestCase):
         server.listen(1)
         self.addCleanup(server.close)
         groups = ",".join(str(gid) for gid in range(1000, 1000 + count))
-        script = f"import socket, time; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); time.sleep(2)"
+        # Holds the connection until the cleanup below kills it.
+        script = f"import signal, socket; s = socket.socket(socket.AF_UNIX); s.connect({path!r}); signal.pause()"
         child = subprocess.Popen(["setpriv", f"--groups={groups}", sys.executable, "-c", script])
         self.addCleanup(child.wait)
         self.addCleanup(child.kill)

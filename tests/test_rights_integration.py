@@ -29,13 +29,16 @@ import stat
 import subprocess
 import sys
 import time
+from typing import IO
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from ._otheruser import NOBODY, pythonForNobody, requireOtherUser
+from ._httpclient import request, scriptArgv, socksCurl
+from ._otheruser import NOBODY, NOBODY_IDS, pythonArgv, pythonForNobody, requireOtherUser, runPythonAs, setpriv
+from ._realsockets import recvExactly
 from ._tailnet import HELLO_BODY, skipOrFail
-from ._tsmuxprocess import TsmuxProcess, shortDir, startTsmux
-from .test_integration import IntegrationTestMixin, curl
+from ._tsmuxprocess import IntegrationTestMixin, TsmuxProcess, openFds, shortDir, startTsmux
+from ._waiting import waitUntil
 
 # ---------------------------------------------------------------------------------------------
 # The LocalAPI endpoints tailscaled 1.96.4 registers.
@@ -203,71 +206,6 @@ SWEEP_READ_TIMEOUT = 3.0
 
 OPERATOR_NAME = "games"
 
-# Run as the caller: {"sockets": [...], "requests": [[method, target], ...], "timeout": s} on stdin;
-# for each request, one connection per socket (16 at a time, so that a tsmux that never answers
-# costs minutes, not hours); prints the status codes (or what went wrong) as JSON.
-SWEEP = r"""
-import json, socket, sys, time
-from concurrent.futures import ThreadPoolExecutor
-spec = json.load(sys.stdin)
-
-def status(path, method, target):
-    request = f"{method} {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n"
-    if method not in ("GET", "HEAD"):
-        request += "Content-Length: 0\r\n"
-    s = socket.socket(socket.AF_UNIX)
-    data = b""
-    try:
-        s.settimeout(spec["timeout"])
-        s.connect(path)
-        s.sendall((request + "\r\n").encode())
-        deadline = time.monotonic() + spec["timeout"]
-        while b"\r\n" not in data:
-            s.settimeout(max(0.01, deadline - time.monotonic()))
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except socket.timeout:
-        if not data:
-            return "timeout"
-    except OSError as e:
-        if not data:
-            return type(e).__name__
-    finally:
-        s.close()
-    fields = data.split(b"\r\n", 1)[0].split(b" ")
-    if len(fields) >= 2 and fields[0].startswith(b"HTTP/") and fields[1].isdigit():
-        return int(fields[1])
-    return "no status line: " + repr(data[:60])
-
-with ThreadPoolExecutor(16) as pool:
-    futures = [[pool.submit(status, path, m, t) for path in spec["sockets"]] for m, t in spec["requests"]]
-    json.dump([[future.result() for future in row] for row in futures], sys.stdout)
-"""
-
-# Run as the caller: one keep-alive connection; each stdin line is a JSON [method, target, body],
-# answered on stdout by a JSON {"status": .., "body": ..} (or {"error": ..}) once fully read.
-KEEPALIVE = r"""
-import http.client, json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(20)
-s.connect(sys.argv[1])
-for line in sys.stdin:
-    method, target, body = json.loads(line)
-    head = f"{method} {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\n"
-    if body or method not in ("GET", "HEAD"):
-        head += f"Content-Type: application/json\r\nContent-Length: {len(body.encode())}\r\n"
-    try:
-        s.sendall((head + "\r\n" + body).encode())
-        response = http.client.HTTPResponse(s, method=method)
-        response.begin()
-        answer = {"status": response.status, "body": response.read().decode("utf-8", "replace")[:500]}
-    except Exception as e:
-        answer = {"error": repr(e)}
-    print(json.dumps(answer), flush=True)
-"""
-
 # Run as the caller: opens COUNT connections, sends PAYLOAD (hex) on each, prints "held N" and
 # holds them until stdin closes.
 HOLDER = r"""
@@ -319,47 +257,6 @@ for t in threads: t.join()
 print(len(stalled), flush=True)
 """
 
-# Run as the caller: sends COUNT pipelined GET status (the last with Connection: close), shuts down
-# its write side, prints "sent", waits for a line on stdin (while it reads nothing), then reads the
-# whole answer and prints the status codes of the complete responses as JSON.
-HALF_CLOSED = r"""
-import http.client, io, json, socket, sys
-path, count = sys.argv[1], int(sys.argv[2])
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(30)
-s.connect(path)
-one = "GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\n"
-s.sendall(((one + "\r\n") * (count - 1) + one + "Connection: close\r\n\r\n").encode())
-s.shutdown(socket.SHUT_WR)
-print("sent", flush=True)
-sys.stdin.readline()
-data = b""
-while True:
-    chunk = s.recv(1 << 20)
-    if not chunk:
-        break
-    data += chunk
-
-class Stream(io.BufferedReader):
-    def close(self):
-        pass  # one stream for every response in turn
-class Wrapped:
-    def makefile(self, mode):
-        return stream
-stream = Stream(io.BytesIO(data))
-statuses = []
-try:
-    while len(statuses) < count:
-        response = http.client.HTTPResponse(Wrapped(), method="GET")
-        response.begin()
-        body = response.read()
-        json.loads(body)
-        statuses.append(response.status)
-except Exception as e:
-    statuses.append(repr(e))
-print(json.dumps({"statuses": statuses, "bytes": len(data)}), flush=True)
-"""
-
 # Run as the caller: SOCKS5 exchanges, each [methods, user, password], on a fresh connection:
 # greeting; if the server picks 02, RFC 1929 with USER/PASSWORD; if it then may, a CONNECT to
 # 127.0.0.1:PORT. Prints each exchange's transcript: what the server sent, step by step.
@@ -408,50 +305,6 @@ def exchange(methods, user, password):
 print(json.dumps([exchange(*case) for case in json.loads(sys.stdin.read())]))
 """
 
-# Run as the caller: one HTTP CONNECT per Proxy-Authorization list given on stdin; prints status lines.
-CONNECT_PROBE = r"""
-import json, socket, sys
-path, authority = sys.argv[1], sys.argv[2]
-lines = []
-for headers in json.loads(sys.stdin.read()):
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(path)
-    head = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
-    head += "".join(f"Proxy-Authorization: {value}\r\n" for value in headers)
-    s.sendall((head + "\r\n").encode())
-    data = b""
-    try:
-        while b"\r\n" not in data:
-            chunk = s.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as e:
-        data += f"|{type(e).__name__}".encode()
-    s.close()
-    lines.append(data.split(b"\r\n", 1)[0].decode("latin-1"))
-print(json.dumps(lines))
-"""
-
-
-def setpriv(uid: int, gid: int) -> list[str]:
-    return ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
-
-
-def pythonArgv(ids: tuple[int, int], script: str, *args: str) -> list[str]:
-    python = pythonForNobody()
-    if python is None:
-        skipOrFail("no Python interpreter that another uid may run")
-        raise AssertionError("unreachable")
-    return [*setpriv(*ids), python, "-c", script, *args]
-
-
-def runPythonAs(
-    ids: tuple[int, int], script: str, *args: str, input: bytes = b"", timeout: float = 120
-) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(pythonArgv(ids, script, *args), input=input, capture_output=True, timeout=timeout, cwd="/")
-
 
 def operatorIds() -> tuple[int, int]:
     try:
@@ -462,71 +315,19 @@ def operatorIds() -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-NOBODY_IDS = (NOBODY, NOBODY)
-
-
-def openFds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def waitFor(condition, timeout: float, what) -> None:
-    """Poll C{condition} until true; C{what} (a string, or a callable giving one) explains a timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what() if callable(what) else what}")
-        time.sleep(0.05)
-
-
 def settledFds(pid: int) -> int:
     """tsmux's fd count once it stops changing (the connection that just ended is closed)."""
-    last = [openFds(pid), time.monotonic()]
+    count, since = openFds(pid), time.monotonic()
 
     def settled() -> bool:
+        nonlocal count, since
         now = openFds(pid)
-        if now != last[0]:
-            last[:] = [now, time.monotonic()]
-        return time.monotonic() - last[1] >= 0.3
+        if now != count:
+            count, since = now, time.monotonic()
+        return time.monotonic() - since >= 0.3
 
-    waitFor(settled, 10, "tsmux's fd count to settle")
-    return last[0]
-
-
-def localapiRequest(path: str, target: str, method: str = "GET", timeout: float = 10) -> tuple[int | str, bytes]:
-    """One request (as this process's uid) with Connection: close: (status or what went wrong, body)."""
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        sock.connect(path)
-        head = f"{method} {target} HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n"
-        sock.sendall((head + "\r\n").encode())
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    except OSError as e:
-        if not data:
-            return repr(e), b""
-    finally:
-        sock.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    fields = head.split(b"\r\n", 1)[0].split(b" ")
-    if len(fields) >= 2 and fields[1].isdigit():
-        return int(fields[1]), body
-    return f"no status line: {data[:80]!r}", body
-
-
-def recvExactly(sock: socket.socket, size: int) -> bytes:
-    """Up to C{size} bytes: fewer only if the peer closed first."""
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
+    waitUntil(settled, 10, "tsmux's fd count to settle")
+    return count
 
 
 def socksRequest(host: bytes | str, port: int) -> bytes:
@@ -577,9 +378,11 @@ def passwordAuth(user: str, password: str) -> bytes:
 class HeldConnections:
     """A process of another uid holding connections open (L{HOLDER}) until L{release}."""
 
-    def __init__(self, testCase: SynchronousTestCase, ids: tuple[int, int], path: str, count: int, payload: bytes):
+    def __init__(
+        self, testCase: SynchronousTestCase, ids: tuple[int, int], path: str, count: int, payload: bytes
+    ) -> None:
         self.process = subprocess.Popen(
-            pythonArgv(ids, HOLDER, path, str(count), payload.hex()),
+            pythonArgv(ids, "-c", HOLDER, path, str(count), payload.hex()),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -589,10 +392,11 @@ class HeldConnections:
         line = readLine(self.process, 60)
         if line != f"held {count}":
             self.release()
-            raise AssertionError(f"holder said {line!r}: {self.process.stderr.read().decode(errors='replace')}")
+            raise AssertionError(f"holder said {line!r}: {readAll(self.process.stderr)}")
 
     def release(self) -> None:
         if self.process.poll() is None:
+            assert self.process.stdin is not None
             self.process.stdin.close()
             try:
                 self.process.wait(15)
@@ -602,6 +406,18 @@ class HeldConnections:
         for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
             if stream is not None and not stream.closed:
                 stream.close()
+
+
+def readAll(stream: IO[bytes] | None) -> str:
+    """What is left in a child's pipe, as text."""
+    return stream.read().decode(errors="replace") if stream is not None else ""
+
+
+def tell(process: subprocess.Popen[bytes], data: bytes) -> None:
+    """Write C{data} to a child's stdin, at once."""
+    assert process.stdin is not None
+    process.stdin.write(data)
+    process.stdin.flush()
 
 
 def readLine(process: subprocess.Popen[bytes], timeout: float) -> str:
@@ -628,7 +444,7 @@ class KeepAliveClient:
 
     def __init__(self, testCase: SynchronousTestCase, ids: tuple[int, int], path: str) -> None:
         self.process = subprocess.Popen(
-            pythonArgv(ids, KEEPALIVE, path),
+            pythonArgv(ids, *scriptArgv("keepalive", path)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -643,12 +459,13 @@ class KeepAliveClient:
         line = readLine(self.process, 30)
         if not line:
             self.process.wait(10)
-            return {"error": f"client exited: {self.process.stderr.read().decode(errors='replace')}"}
+            return {"error": f"client exited: {readAll(self.process.stderr)}"}
         answer: dict = json.loads(line)
         return answer
 
     def close(self) -> None:
         if self.process.poll() is None:
+            assert self.process.stdin is not None
             self.process.stdin.close()
             try:
                 self.process.wait(10)
@@ -678,9 +495,9 @@ class RightsTestMixin(IntegrationTestMixin):
         self.assertEqual(self.operatorInPrefs(), OPERATOR_NAME)
 
     def operatorInPrefs(self) -> str:
-        status, body = localapiRequest(self.tailnet.localapi, "/localapi/v0/prefs")
-        self.assertEqual(status, 200, body)
-        operator: str = json.loads(body).get("OperatorUser", "")
+        response = request(self.tailnet.localapi, "/localapi/v0/prefs")
+        self.assertEqual(response.status, 200, response.body)
+        operator: str = json.loads(response.body).get("OperatorUser", "")
         return operator
 
     def sweep(self, ids: tuple[int, int], sockets: list[str], requests: list[tuple[str, str]]) -> list[list]:
@@ -690,7 +507,7 @@ class RightsTestMixin(IntegrationTestMixin):
             "requests": [[method, f"/localapi/v0/{name}"] for method, name in requests],
             "timeout": SWEEP_READ_TIMEOUT,
         }
-        result = runPythonAs(ids, SWEEP, input=json.dumps(spec).encode(), timeout=300)
+        result = runPythonAs(ids, *scriptArgv("sweep"), input=json.dumps(spec).encode(), timeout=300)
         self.assertEqual(result.returncode, 0, result.stderr.decode(errors="replace"))
         statuses: list[list] = json.loads(result.stdout)
         return statuses
@@ -704,22 +521,23 @@ class RightsTestMixin(IntegrationTestMixin):
             (request, pair) for request, pair in zip(requests, first, strict=True) if not isinstance(pair[0], int)
         ]
         self.assertEqual(unreachable, [], f"tailscaled itself gave {who} no status for these (harness problem)")
+        confirmed = []
         if differing:
             # Ask again: a difference counts only if it is there both times.
             again = self.sweep(ids, sockets, [request for request, _ in differing])
-            differing = [
+            confirmed = [
                 (request, pair, pair2)
                 for (request, pair), pair2 in zip(differing, again, strict=True)
                 if pair2[0] != pair2[1]
             ]
-        if differing:
+        if confirmed:
             lines = [
                 f"  {method} {name}: direct {pair[0]}, through tsmux {pair[1]}"
                 + ("" if pair == pair2 else f" (then direct {pair2[0]}, through tsmux {pair2[1]})")
-                for (method, name), pair, pair2 in differing
+                for (method, name), pair, pair2 in confirmed
             ]
             self.fail(
-                f"{len(differing)} of {len(requests)} LocalAPI requests by {who} got a different status "
+                f"{len(confirmed)} of {len(requests)} LocalAPI requests by {who} got a different status "
                 f"through tsmux than from tailscaled directly:\n" + "\n".join(lines)
             )
 
@@ -865,7 +683,8 @@ class UnprivilegedTsmuxTests(RightsTestMixin, SynchronousTestCase):
         self.assertEqual(os.stat(f"/proc/{tsmux.process.pid}").st_uid, NOBODY)
 
         # Another uid (root here) gets a 403 that says why, never tsmux's own (uid 65534's) rights.
-        status, body = localapiRequest(tsmux.socketPath, "/localapi/v0/status")
+        response = request(tsmux.socketPath, "/localapi/v0/status")
+        status, body = response.status, response.body
         self.assertEqual(status, 403, body)
         self.assertIn(b"uid 0", body, "the refusal names the caller")
         self.assertRegex(body.decode(errors="replace"), r"(?i)privilege|CAP_SETUID|setuid|not root", "and why")
@@ -873,7 +692,7 @@ class UnprivilegedTsmuxTests(RightsTestMixin, SynchronousTestCase):
         (mine,) = self.sweep(NOBODY_IDS, [tsmux.socketPath], [("GET", "status")])
         self.assertEqual(mine, [200])
         # SOCKS5 still serves the refused uid: root to the HTTP target inside the namespace.
-        result = curl("-x", f"socks5h://localhost{tsmux.socketPath}", f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
         self.assertEqual(socksEcho(tsmux.socketPath, self.tailnet.echoPort), b"ping")
         # One line (at start; the refusals above have lines of their own) says it cannot act as its callers.
@@ -896,13 +715,13 @@ class LeavingClientsTests(RightsTestMixin, SynchronousTestCase):
         """
         tsmux = self.startTsmux("--shutdown-timeout", "2")
         pid = tsmux.process.pid
-        self.assertEqual(localapiRequest(tsmux.socketPath, "/localapi/v0/status")[0], 200)
+        self.assertEqual(request(tsmux.socketPath, "/localapi/v0/status").status, 200)
         baseline = settledFds(pid)
 
         # Enough pipelined answers (about 1 KiB each) that they cannot all sit in socket buffers.
         count = 600
         halfClosed = subprocess.Popen(
-            pythonArgv(NOBODY_IDS, HALF_CLOSED, tsmux.socketPath, str(count)),
+            pythonArgv(NOBODY_IDS, *scriptArgv("half-closed", tsmux.socketPath, str(count))),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -912,25 +731,24 @@ class LeavingClientsTests(RightsTestMixin, SynchronousTestCase):
         self.assertEqual(readLine(halfClosed, 30), "sent")
         withHalfClosed = settledFds(pid)
 
-        pushers = runPythonAs(NOBODY_IDS, PUSHERS, tsmux.socketPath, "60", str(600 * 1024))
+        pushers = runPythonAs(NOBODY_IDS, "-c", PUSHERS, tsmux.socketPath, "60", str(600 * 1024))
         self.assertEqual(pushers.returncode, 0, pushers.stderr)
         self.assertEqual(pushers.stdout.strip(), b"60", "every client must be stalled (tsmux not reading it)")
-        waitFor(
+        waitUntil(
             lambda: openFds(pid) <= withHalfClosed,
             20,
             lambda: f"tsmux's fds back to {withHalfClosed} once the 60 clients left (now {openFds(pid)})",
         )
 
-        halfClosed.stdin.write(b"go\n")
-        halfClosed.stdin.flush()
+        tell(halfClosed, b"go\n")
         answer = json.loads(readLine(halfClosed, 60) or "{}")
         self.assertEqual(answer.get("statuses"), [200] * count, answer)
-        waitFor(lambda: openFds(pid) <= baseline, 20, lambda: f"tsmux's fds back to {baseline} ({openFds(pid)})")
+        waitUntil(lambda: openFds(pid) <= baseline, 20, lambda: f"tsmux's fds back to {baseline} ({openFds(pid)})")
 
     def test_halfClosedClientDirectlyGetsEverything(self) -> None:
         """The harness check for the test above: tailscaled itself answers a half-closed client."""
         process = subprocess.Popen(
-            pythonArgv(NOBODY_IDS, HALF_CLOSED, self.tailnet.localapi, "600"),
+            pythonArgv(NOBODY_IDS, *scriptArgv("half-closed", self.tailnet.localapi, "600")),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -938,8 +756,7 @@ class LeavingClientsTests(RightsTestMixin, SynchronousTestCase):
         )
         self.addCleanup(stopProcess, process)
         self.assertEqual(readLine(process, 30), "sent")
-        process.stdin.write(b"go\n")
-        process.stdin.flush()
+        tell(process, b"go\n")
         answer = json.loads(readLine(process, 60) or "{}")
         self.assertEqual(answer.get("statuses"), [200] * 600, answer)
         self.assertGreater(answer["bytes"], 1 << 19, "the answers must be more than socket buffers hold")
@@ -970,14 +787,14 @@ class DescriptorLimitTests(RightsTestMixin, SynchronousTestCase):
         self.assertEqual(line.split()[3:5], ["256", "256"], line)
 
         HeldConnections(self, NOBODY_IDS, tsmux.socketPath, 400, longPoll())
-        waitFor(
+        waitUntil(
             lambda: limitRefusalLines(tsmux.log()) or openFds(pid) >= 250,
             20,
             lambda: f"tsmux to take uid 65534's connections (fds {openFds(pid)}):\n{tsmux.log()[-2000:]}",
         )
 
-        status, body = localapiRequest(tsmux.socketPath, "/localapi/v0/status")
-        self.assertEqual(status, 200, f"root's LocalAPI request: {body[:200]!r}")
+        response = request(tsmux.socketPath, "/localapi/v0/status")
+        self.assertEqual(response.status, 200, f"root's LocalAPI request: {response.body[:200]!r}")
         self.assertEqual(socksEcho(tsmux.socketPath, self.tailnet.echoPort), b"ping")
 
         log = tsmux.log()
@@ -1045,7 +862,7 @@ class RefusedFirstTests(RightsTestMixin, SynchronousTestCase):
             [[0, 2], AUTH_USER, AUTH_PASSWORD],
             [[0, 2], AUTH_USER, WRONG_PASSWORD],
         ]
-        result = runPythonAs(NOBODY_IDS, SOCKS_PROBE, tsmux.socketPath, port, input=json.dumps(cases).encode())
+        result = runPythonAs(NOBODY_IDS, "-c", SOCKS_PROBE, tsmux.socketPath, port, input=json.dumps(cases).encode())
         self.assertEqual(result.returncode, 0, result.stderr)
         onlyPassword, onlyPasswordWrong, both, bothWrong = json.loads(result.stdout)
         self.assertEqual(onlyPassword, onlyPasswordWrong, "SOCKS5, only method 02 offered: right vs wrong password")
@@ -1056,7 +873,9 @@ class RefusedFirstTests(RightsTestMixin, SynchronousTestCase):
 
         authority = f"127.0.0.1:{port}"
         headers = [[basic(AUTH_USER, AUTH_PASSWORD)], [basic(AUTH_USER, WRONG_PASSWORD)], []]
-        result = runPythonAs(NOBODY_IDS, CONNECT_PROBE, tsmux.socketPath, authority, input=json.dumps(headers).encode())
+        result = runPythonAs(
+            NOBODY_IDS, *scriptArgv("connect-probe", tsmux.socketPath, authority), input=json.dumps(headers).encode()
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         statuses = [line.split(" ")[1] if line.count(" ") else line for line in json.loads(result.stdout)]
         self.assertEqual(statuses, ["403", "403", "403"], "HTTP CONNECT: right, wrong, no Proxy-Authorization")
@@ -1082,7 +901,9 @@ class RefusedFirstTests(RightsTestMixin, SynchronousTestCase):
             [basic(AUTH_USER, WRONG_PASSWORD)],
             [basic(AUTH_USER, AUTH_PASSWORD), basic(AUTH_USER, AUTH_PASSWORD)],
         ]
-        result = runPythonAs((0, 0), CONNECT_PROBE, tsmux.socketPath, authority, input=json.dumps(headers).encode())
+        result = runPythonAs(
+            (0, 0), *scriptArgv("connect-probe", tsmux.socketPath, authority), input=json.dumps(headers).encode()
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         statuses = [line.split(" ")[1] if line.count(" ") else line for line in json.loads(result.stdout)]
         self.assertEqual(statuses, ["200", "407", "400"], "HTTP CONNECT: right, wrong, two Proxy-Authorization")
@@ -1092,7 +913,7 @@ class RefusedFirstTests(RightsTestMixin, SynchronousTestCase):
         tsmux = self.startAuthTsmux("--max-connections", "256", "--shutdown-timeout", "2")
         pid = tsmux.process.pid
         HeldConnections(self, NOBODY_IDS, tsmux.socketPath, 300, b"\x05")
-        waitFor(
+        waitUntil(
             lambda: limitRefusalLines(tsmux.log()),
             20,
             lambda: f"tsmux to refuse some of uid 65534's 300 connections (fds {openFds(pid)}):\n{tsmux.log()[-2000:]}",

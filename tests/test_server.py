@@ -288,7 +288,7 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         transport = self.handshake(extra=b"abc")
         upstream, upstreamTransport = connectedUpstream()
         self.dialer.dials[0][2].callback(upstream)
-        upstream.transport.protocol.dataReceived(b"hello")
+        upstreamTransport.protocol.dataReceived(b"hello")
         transport.protocol.connectionLost(DONE)
         upstreamTransport.protocol.connectionLost(DONE)
         (line,) = self.connectionLines()

@@ -14,12 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 
-from twisted.internet import task, threads
-from twisted.logger import globalLogPublisher
+from twisted.internet import threads
 from twisted.trial.unittest import TestCase
 
-from ._realsockets import openFds, reactor, recvAll, recvExactly, socksConnect, startMux
-from .test_relay_sockets import waitFor
+from ._fakes import capturedEvents
+from ._realsockets import openFds, recvAll, recvExactly, socksConnect, startMux, waitUntilReactorRuns
+from ._waiting import waitUntilAsync
 
 
 def rawTarget(handler: Callable[[socket.socket], None]) -> int:
@@ -62,15 +62,13 @@ class SpliceMisbehaviourTests(TestCase):
 
     async def relayOnce(self, target: Callable[[socket.socket], None], client: Callable[[str, int], object]) -> dict:
         path, factory = startMux(self, splice=True)
-        events: list[dict] = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        await task.deferLater(reactor, 0.05, lambda: None)
+        events = capturedEvents(self)
+        await waitUntilReactorRuns()
         before = openFds()
         port = rawTarget(target)
         self.clientResult = await threads.deferToThread(client, path, port)
-        await waitFor(lambda: not factory.openConnections, what="the connection to close")
-        await waitFor(lambda: openFds() <= before, what=f"fds back to {before}")
+        await waitUntilAsync(lambda: not factory.openConnections, what="the connection to close")
+        await waitUntilAsync(lambda: openFds() <= before, what=f"fds back to {before}")
         (line,) = [e for e in events if e.get("log_namespace") == "tsmux.connection"]
         return line
 
@@ -119,7 +117,7 @@ class SpliceMisbehaviourTests(TestCase):
             sock, reply = socksConnect(path, "127.0.0.1", port)
             assert reply == 0
             sock.sendall(b"go")
-            time.sleep(1)
+            time.sleep(1)  # not a wait: a client that is slow to read is what this test is about
             sock.settimeout(10)
             received = drain(sock)
             sock.close()
@@ -128,7 +126,7 @@ class SpliceMisbehaviourTests(TestCase):
         line = await self.relayOnce(target, client)
         # The log counts what tsmux relayed; the client got that, or less if the reset
         # reached it first (Linux may drop queued bytes on a reset).
-        self.assertGreater(self.clientResult, 0)
+        self.assertGreater(self.clientResult, 0)  # type: ignore[misc]
         self.assertLessEqual(self.clientResult, line["bytesToClient"] - 12)
         self.assertEqual(line["outcome"], "error")
 
@@ -160,5 +158,5 @@ class SpliceMisbehaviourTests(TestCase):
         self.assertEqual(self.clientResult, len(payload))
         self.assertEqual(line["outcome"], "ok")
         self.assertEqual(line["bytesToClient"], 12 + len(payload))
-        await waitFor(lambda: "target" in received, what="the target to finish")
+        await waitUntilAsync(lambda: "target" in received, what="the target to finish")
         self.assertEqual(received["target"], len(payload))

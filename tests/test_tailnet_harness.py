@@ -21,6 +21,15 @@ from tests._tailnet import (
     startPrivateTailnet,
     tailnetSkipReason,
 )
+from tests._tailnet_shared import (
+    ChildOptions,
+    Command,
+    CommandReply,
+    Message,
+    Ready,
+    StartFailed,
+    patternBytes,
+)
 
 # Run inside the namespace: send to the echo target, half-close, read until its EOF.
 _ECHO_CLIENT = """
@@ -62,6 +71,56 @@ def _isLiveTailscaled(pid: int) -> bool:
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     state = stat[stat.rindex(")") + 2]
     return comm == "tailscaled" and state not in "ZX"
+
+
+class WireProtocolTests(SynchronousTestCase):
+    """
+    What parent and child say to each other (L{tests._tailnet_shared}), with no process started.
+    """
+
+    def test_messagesRoundTrip(self) -> None:
+        """
+        Every message is one JSON line that reads back as the same message.
+        """
+        for message in (
+            Ready("/tmp/x/tailscaled.sock", 1, 2, 3, 4, 5, "/tmp/x/tailscaled.log"),
+            StartFailed("refusing to run: not in a private network namespace"),
+            CommandReply(ok=True, tailscaledPid=42),
+            CommandReply(ok=False, error="tailscaled exited"),
+        ):
+            line = message.toJSON()
+            self.assertTrue(line.endswith(b"\n"))
+            self.assertNotIn(b"\n", line[:-1])
+            self.assertEqual(Message.fromJSON(line), message)
+
+    def test_expectAndUnknown(self) -> None:
+        """
+        A reader names the kind it expects; lines that are no message are refused.
+        """
+        reply = Message.fromJSON(CommandReply(ok=True).toJSON())
+        self.assertEqual(CommandReply.expect(reply), CommandReply(ok=True))
+        self.assertRaises(ValueError, Ready.expect, reply)
+        for line in (b'{"ok": true}', b'{"message": "hello"}', b"[1, 2]"):
+            self.assertRaises(ValueError, Message.fromJSON, line)
+
+    def test_commandsAndArguments(self) -> None:
+        """
+        Commands are single lines; the child's command line parses back to the options.
+        """
+        for command in Command:
+            self.assertEqual(Command.fromLine(command.toLine().decode()), command)
+        self.assertRaises(ValueError, Command.fromLine, "reboot\n")
+        for options in (ChildOptions("/bin/tailscaled", "/tmp/d"), ChildOptions("/bin/tailscaled", "/tmp/d", "/s")):
+            argv = options.toArgv("python3")
+            self.assertEqual(argv[:3], ["python3", "-m", "tests._netns_tailnet"])
+            self.assertEqual(ChildOptions.fromArgv(argv[3:]), options)
+
+    def test_pattern(self) -> None:
+        """
+        The pattern /big serves continues across any offset.
+        """
+        self.assertEqual(patternBytes(0, 300), (bytes(range(256)) * 2)[:300])
+        self.assertEqual(patternBytes(65530, 12), bytes(range(250, 256)) + bytes(range(6)))
 
 
 class SkipOrFailTests(SynchronousTestCase):

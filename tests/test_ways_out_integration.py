@@ -8,16 +8,16 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tsmux._socks5 import Reply
 
+from ._httpclient import buildRequest, connect, request, socksCurl
 from ._realsockets import recvExactly, socksConnect
 from ._tailnet import HELLO_BODY
-from .test_integration import IntegrationTestMixin, socksCurl
+from ._tsmuxprocess import IntegrationTestMixin, TsmuxProcess
 
 
 def httpConnect(path: str, authority: str, extra: bytes = b"") -> tuple[bytes, socket.socket]:
-    sock = socket.socket(socket.AF_UNIX)
-    sock.settimeout(10)
-    sock.connect(path)
-    sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode() + extra)
+    """An HTTP CONNECT (and C{extra} in the same write): the answer's head, and the socket after it."""
+    sock = connect(path)
+    sock.sendall(buildRequest("CONNECT", authority, close=False, host=authority) + extra)
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1)
@@ -30,13 +30,13 @@ def httpConnect(path: str, authority: str, extra: bytes = b"") -> tuple[bytes, s
 class UpstreamSOCKS5Tests(IntegrationTestMixin, SynchronousTestCase):
     """tsmux runs inside the namespace here: tailscaled's SOCKS5 port is on its loopback."""
 
-    def startInNamespace(self, *args: str):
+    def startInNamespace(self, *args: str) -> TsmuxProcess:
         prefix = ["nsenter", f"--net=/proc/{self.tailnet.helperPid}/ns/net"]
         return self.startTsmux(*args, prefix=prefix)
 
     def test_chainedThroughTailscaledSOCKS5(self) -> None:
         tsmux = self.startInNamespace("--dialer", f"socks5:tcp:127.0.0.1:{self.tailnet.socks5Port}")
-        result = socksCurl(tsmux, f"http://127.0.0.1:{self.tailnet.httpPort}/")
+        result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
         sock, reply = socksConnect(tsmux.socketPath, "127.0.0.1", self.tailnet.echoPort, extra=b"ping")
         self.assertEqual((reply, recvExactly(sock, 4)), (0, b"ping"))
@@ -80,9 +80,4 @@ class HTTPConnectTests(IntegrationTestMixin, SynchronousTestCase):
 
     def test_otherMethodsStillReachTheLocalAPI(self) -> None:
         tsmux = self.startTsmux()
-        sock = socket.socket(socket.AF_UNIX)
-        sock.settimeout(10)
-        sock.connect(tsmux.socketPath)
-        sock.sendall(b"GET /localapi/v0/status HTTP/1.1\r\nHost: local-tailscaled.sock\r\nConnection: close\r\n\r\n")
-        self.assertTrue(sock.recv(100).startswith(b"HTTP/1.1 200 OK"))
-        sock.close()
+        self.assertEqual(request(tsmux.socketPath, "/localapi/v0/status").status, 200)

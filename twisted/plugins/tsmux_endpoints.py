@@ -19,7 +19,7 @@ class TsmuxEndpointParser:
 
     prefix = "tsmux"
 
-    def parseStreamClient(self, reactor: Any, *args: str, **kwargs: str) -> IStreamClientEndpoint:
+    def parseStreamClient(self, reactor: Any, *args: Any, **kwargs: Any) -> IStreamClientEndpoint:
         from tsmux._client import endpointFromString
 
         return endpointFromString(reactor, *args, **kwargs)
