@@ -61,7 +61,7 @@ class DialFilterFixture:
         self.relay = DialFilterRelay(MemoryReactorClock(), REASON, lambda relay, reason: self.finished.append(relay))
         self.client = HalfCloseStringTransport()
         upstream, self.upstream = connectedUpstream()
-        self.relay.start(self.client, upstream)
+        self.relay.start(self.client, upstream)  # type: ignore[arg-type]  # a fake stream transport
 
     def fromClient(self, data: bytes) -> None:
         self.client.protocol.dataReceived(data)

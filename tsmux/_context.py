@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,7 +25,7 @@ from ._auth import Credentials, PasswordThrottle
 from ._config import PENDING_LIMIT, SPLICE_AFTER, Config
 from ._errors import dialErrorFromFailure
 from ._hangup import sweepHungUp
-from ._interfaces import IDialer, IUpstream
+from ._interfaces import IDialer, IStreamTransport, IUpstream
 from ._limits import ConnectionLimits, RefusalBurst
 from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._metrics import Metrics
@@ -126,7 +126,7 @@ class ConnectionContext:
     def startRelay(
         self,
         record: ConnectionRecord,
-        transport: ITransport,
+        transport: IStreamTransport,
         upstream: IUpstream,
         pending: PendingClient,
         relay: Relay | None = None,

@@ -209,9 +209,9 @@ class LocalAPIDialer:
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         def start() -> defer.Deferred[IUpstream]:
-            connecting = self._access.connect(caller, TsDialProtocol(host, port))
-            connecting.addCallbacks(self._connected, self._unreachable)
-            return connecting.addCallback(self._answered, host, port, caller)  # type: ignore[return-value]
+            connecting: defer.Deferred[Any] = self._access.connect(caller, TsDialProtocol(host, port))
+            connecting.addCallbacks(self._connected, self._unreachable)  # type: ignore[arg-type]
+            return connecting.addCallback(self._answered, host, port, caller)  # type: ignore[call-overload]
 
         return boundedDial(self._reactor, host, port, self._timeout, f"dial {host}:{port} via tailscaled", start)
 
@@ -286,7 +286,7 @@ class SOCKS5Dialer:
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         def start() -> defer.Deferred[IUpstream]:
             connecting = quietConnect(self._endpoint, SOCKS5ClientProtocol(host, port, self._credentials))
-            return connecting.addCallbacks(lambda connected: connected.answered, self._unreachable)  # type: ignore
+            return connecting.addCallbacks(lambda connected: connected.answered, self._unreachable)
 
         return boundedDial(
             self._reactor, host, port, self._timeout, f"dial {host}:{port} via {self.description}", start

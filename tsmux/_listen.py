@@ -137,7 +137,7 @@ def listenOnDescription(reactor: Any, description: str, factory: IProtocolFactor
     (result,) = outcome
     if isinstance(result, Failure):
         raise StartupError(f"cannot listen on {description}: {result.getErrorMessage()}")
-    return result  # type: ignore[no-any-return]
+    return result
 
 
 def _systemdArguments(description: str) -> dict[str, str]:
@@ -179,7 +179,7 @@ def listenOnSystemd(reactor: Any, description: str, factory: IProtocolFactory) -
     os.set_blocking(fd, False)
     port, path = adoptSystemdUnixPort(reactor, fd, factory)
     if path and not path.startswith(b"\0"):
-        port.mode = stat.S_IMODE(os.stat(path).st_mode)  # keep the unit's SocketMode
+        port.mode = stat.S_IMODE(os.stat(path).st_mode)  # type: ignore[attr-defined]  # keep the unit's SocketMode
     port.startListening()
     os.close(fd)  # the port holds its own duplicate
     return port

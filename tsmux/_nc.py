@@ -18,6 +18,7 @@ survived a short grace period; an earlier exit is mapped from its stderr.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from twisted.internet import defer, error
@@ -71,7 +72,7 @@ class _ProcessStream:
     def write(self, data: bytes) -> None:
         self._process.write(data)
 
-    def writeSequence(self, data: list[bytes]) -> None:
+    def writeSequence(self, data: Iterable[bytes]) -> None:
         self._process.writeSequence(data)
 
     def loseWriteConnection(self) -> None:
@@ -193,7 +194,8 @@ class NcProcess(ProcessProtocol):
         if code == 0:
             loss = Failure(error.ConnectionDone())
         else:
-            how = f"exited with status {code}" if code is not None else f"was killed (signal {reason.value.signal})"
+            signal = getattr(reason.value, "signal", None)
+            how = f"exited with status {code}" if code is not None else f"was killed (signal {signal})"
             loss = Failure(error.ConnectionLost(f"tailscale nc {how}: {stderr[-200:]}"))
         if self._owner is None:
             self._heldLoss = loss
@@ -209,6 +211,7 @@ class NcProcess(ProcessProtocol):
 
     def attach(self, protocol: IProtocol) -> None:
         self._owner = protocol
+        assert self.stream is not None, "attached before the process started"
         protocol.makeConnection(self.stream)
         held, self._held = b"".join(self._held), []
         if held:

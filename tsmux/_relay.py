@@ -27,7 +27,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ._interfaces import IUpstream
+from ._interfaces import IStreamTransport, IUpstream
 from ._splice import SpliceRelay, canSplice
 from ._twistedprivate import sendNow
 
@@ -50,7 +50,7 @@ def switchProtocol(transport: ITransport, protocol: IProtocol, buffered: bytes =
         transport.protocol.dataReceived(buffered)  # type: ignore[attr-defined]
 
 
-def closeTransport(transport: ITransport) -> None:
+def closeTransport(transport: IStreamTransport) -> None:
     """
     C{loseConnection}, after unregistering any producer: with a paused
     streaming producer still registered, Twisted resumes it when the buffer
@@ -66,6 +66,7 @@ class RelayEnd(Protocol):
     """One side of a L{Relay}: what it reads goes to the other side's transport."""
 
     peer: RelayEnd
+    transport: IStreamTransport  # a connected stream, not Protocol's ITransport | None
 
     def __init__(self, relay: Relay, name: str) -> None:
         self.relay = relay
@@ -135,7 +136,7 @@ class Relay:
 
     def start(
         self,
-        clientTransport: ITransport,
+        clientTransport: IStreamTransport,
         upstream: IUpstream,
         clientBuffered: bytes = b"",
         clientEOF: bool = False,
