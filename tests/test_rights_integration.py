@@ -375,6 +375,21 @@ def passwordAuth(user: str, password: str) -> bytes:
     return bytes([1, len(user)]) + user.encode() + bytes([len(password)]) + password.encode()
 
 
+def endChild(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """A helper child ends when its stdin closes; killed if it has not within C{timeout} s; pipes closed."""
+    if process.poll() is None:
+        assert process.stdin is not None
+        process.stdin.close()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        if stream is not None and not stream.closed:
+            stream.close()
+
+
 class HeldConnections:
     """A process of another uid holding connections open (L{HOLDER}) until L{release}."""
 
@@ -395,17 +410,7 @@ class HeldConnections:
             raise AssertionError(f"holder said {line!r}: {readAll(self.process.stderr)}")
 
     def release(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None and not stream.closed:
-                stream.close()
+        endChild(self.process, 15)
 
 
 def readAll(stream: IO[bytes] | None) -> str:
@@ -464,17 +469,7 @@ class KeepAliveClient:
         return answer
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            self.process.stdin.close()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
-            if stream is not None and not stream.closed:
-                stream.close()
+        endChild(self.process, 10)
 
 
 class RightsTestMixin(IntegrationTestMixin):
