@@ -62,6 +62,7 @@ class LocalAPIPassthrough(Protocol):
         assert self._wait is not None
         if self._dialRefusal is None:
             self._context.startRelay(self.record, self.transport, upstream, self._wait.pending)
+            self._wait = None  # the relay owns the connection now: nothing here stays alive with it
             return
         relay = DialFilterRelay(self._context.reactor, self._dialRefusal)
         self._context.startRelay(

@@ -119,6 +119,7 @@ class SOCKS5ServerProtocol(Protocol):
             self.record.sent(buildReply(Reply.SUCCEEDED))
         assert self._wait is not None
         self._context.startRelay(self.record, self.transport, upstream, self._wait.pending)
+        self._wait = None  # the relay owns the connection now: nothing here stays alive with it
 
     def _failed(self, failure: Failure) -> None:
         error = dialErrorFromFailure(failure)
