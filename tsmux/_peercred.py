@@ -69,4 +69,18 @@ def _peerGroups(handle: socket.socket) -> frozenset[int] | None:
         except OSError:
             return None  # more groups than Python's getsockopt can carry: /proc instead
     count = len(raw) // 4
-    return frozenset(struct.unpack(f"{count}I", raw[: count * 4]))
+    return _shared(frozenset(struct.unpack(f"{count}I", raw[: count * 4])))
+
+
+_SHARED_GROUPS: dict[frozenset[int], frozenset[int]] = {}
+
+
+def _shared(groups: frozenset[int]) -> frozenset[int]:
+    """
+    One copy of each group set: a connection holds its caller's for its whole
+    life, and a caller's connections all have the same (a frozenset is 216
+    bytes even for one group).  Bounded: past a thousand sets, start over.
+    """
+    if len(_SHARED_GROUPS) > 1024:
+        _SHARED_GROUPS.clear()
+    return _SHARED_GROUPS.setdefault(groups, groups)
