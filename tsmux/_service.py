@@ -178,8 +178,6 @@ class TsmuxService(service.Service):
         notifySystemd("STOPPING=1")
         ports, self.ports = self.ports, []
         await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
-        if self._sweep is not None and self._sweep.running:
-            self._sweep.stop()
         self.context.refusals.stop()
         closeDialer = getattr(self.dialer, "close", None)
         if closeDialer is not None:
@@ -194,6 +192,9 @@ class TsmuxService(service.Service):
         deadline = self.reactor.seconds() + self.config.shutdownTimeout
         while open and self.reactor.seconds() < deadline and not self._cutNow:
             await deferLater(self.reactor, min(0.05, max(0.0, deadline - self.reactor.seconds())))
+        # Swept until here: timeouts, the linger and hung-up peers still apply while open ones finish.
+        if self._sweep is not None and self._sweep.running:
+            self._sweep.stop()
         if open:
             self.log.warn("shutting down: cutting {count} connection(s)", count=len(open))
             for record in list(open):
