@@ -77,7 +77,7 @@ class TailscaledDecidesTests(AccessTestMixin, SynchronousTestCase):
         self.assertEqual(through.stdout, direct.stdout)
         self.assertNotIn(b"tsmux", through.stdout)
         tsmux.stop()
-        (line,) = [line for line in tsmux.log().splitlines() if "localapi pid=" in line]
+        (line,) = [line for line in tsmux.log().splitlines() if "localapi socket=tsmux pid=" in line]
         self.assertIn(f"uid={NOBODY}", line)
         self.assertIn("access=passthrough", line)
 

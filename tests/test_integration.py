@@ -27,7 +27,7 @@ class SOCKS5ThroughTailscaledTests(IntegrationTestMixin, SynchronousTestCase):
         result = socksCurl(tsmux.socketPath, f"http://127.0.0.1:{self.tailnet.httpPort}/")
         self.assertEqual((result.returncode, result.stdout), (0, HELLO_BODY), result.stderr)
         tsmux.stop()
-        (line,) = [line for line in tsmux.log().splitlines() if "socks5 pid=" in line]
+        (line,) = [line for line in tsmux.log().splitlines() if "socks5 socket=tsmux pid=" in line]
         self.assertIn(f"target=127.0.0.1:{self.tailnet.httpPort}", line)
         self.assertTrue(line.endswith(" ok"), line)
 

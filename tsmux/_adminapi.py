@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 from twisted.internet.protocol import Protocol, connectionDone
@@ -63,7 +64,8 @@ class TsmuxAPIProtocol(Protocol):
             self._answer(405, "Method Not Allowed", _TEXT, b"tsmux: GET only\n", Outcome.CLIENT_ERROR)
         elif head.path == "/tsmux/v0/metrics":
             context = self._context
-            body = context.metrics.render(len(context.openConnections), context.health.reachable)
+            shared = context.shared
+            body = context.metrics.render(shared.openTotal, context.health.reachable, dict(shared.openBySocket))
             self._answer(200, "OK", "text/plain; version=0.0.4; charset=utf-8", body, Outcome.OK)
         elif head.path == "/tsmux/v0/status":
             self._answer(
@@ -89,23 +91,57 @@ class TsmuxAPIProtocol(Protocol):
 
 
 def status(context: ConnectionContext) -> dict[str, Any]:
-    """What C{/tsmux/v0/status} says: tsmux's state, from the context."""
-    byProtocol: dict[str, int] = {}
-    for record in context.openConnections:
-        byProtocol[record.protocol] = byProtocol.get(record.protocol, 0) + 1
+    """
+    What C{/tsmux/v0/status} says: the process (every socket, limits in all,
+    the busiest callers and destinations, dial errors) and, at the top
+    level as before, the socket it was asked on.
+    """
+    shared = context.shared
+    contexts = shared.contexts or [context]
+    byProtocol: Counter[str] = Counter()
+    destinations: Counter[str] = Counter()
+    sockets: dict[str, dict[str, Any]] = {}
+    for each in contexts:
+        entry = sockets.setdefault(
+            each.name,
+            {
+                "name": each.name,
+                "listening": each.listening,
+                "offers": sorted(each.config.offer),
+                "rules": len(each.config.rules) if each.config.rules is not None else None,
+                "dialer": each.dialer.description,
+                "localapi": each.localapi.path,
+                "openConnections": 0,
+                "openByProtocol": {},
+                "accepting": False,
+            },
+        )
+        entry["accepting"] = entry["accepting"] or each.accepting
+        for record in each.openConnections:
+            byProtocol[record.protocol] += 1
+            entry["openConnections"] += 1
+            entry["openByProtocol"][record.protocol] = entry["openByProtocol"].get(record.protocol, 0) + 1
+            if record.target is not None:
+                destinations[record.target] += 1
     return {
         "version": __version__,
         "uptimeSeconds": round(context.reactor.seconds() - context.started, 3),
-        "listening": context.listening,
+        "socket": context.name,
+        "listening": [address for each in contexts if each.accepting for address in each.listening],
         "dialer": context.dialer.description,
         "localapi": {
             "path": context.localapi.path,
             "reachable": context.health.reachable,
             "actsAsCallers": context.localapi.actAsCallers,
         },
-        "openConnections": len(context.openConnections),
-        "openByProtocol": byProtocol,
-        "openByUid": {str(uid): count for uid, count in context.openByUid.items()},
+        "configFile": shared.configFile,
+        "lastReload": shared.lastReload,
+        "sockets": list(sockets.values()),
+        "openConnections": shared.openTotal,
+        "openByProtocol": dict(byProtocol),
+        "openByUid": {str(uid): count for uid, count in shared.openByUid.most_common()},
+        "busiestDestinations": dict(destinations.most_common(10)),
+        "dialErrors": dict(context.metrics.dialErrors),
         "limits": context.limits.asDict(),
-        "relays": len(context.relays),
+        "relays": sum(len(each.relays) for each in contexts),
     }

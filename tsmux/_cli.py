@@ -11,8 +11,10 @@ from twisted.internet.error import ReactorNotRunning
 from twisted.logger import FileLogObserver, eventAsJSON, formatEventAsClassicLogText, formatTime, globalLogBeginner
 from twisted.python import usage
 
+from ._config import Options
+from ._configfile import ConfigError
 from ._listen import StartupError
-from ._service import Options, buildService
+from ._service import buildService
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -21,20 +23,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     one line on stderr (status 2 and 1), never a traceback.
     """
     arguments = sys.argv[1:] if argv is None else list(argv)
-    options = Options()
+    if arguments and arguments[0] in SUBCOMMANDS:
+        raise SystemExit(SUBCOMMANDS[arguments[0]](arguments[1:]))
+    options = _parse(Options(), arguments)
     try:
-        options.parseOptions(arguments)
-    except usage.UsageError as error:
-        sys.stderr.write(f"tsmux: {error}\nTry 'tsmux --help' for the options.\n")
-        raise SystemExit(2) from None
+        daemon = options.toDaemonConfig()
+    except ConfigError as error:
+        sys.stderr.write("".join(f"tsmux: {line}\n" for line in error.errors))
+        raise SystemExit(1) from None
 
     from twisted.internet import reactor
 
-    config = options.toConfig()
-    observer = _jsonLines(sys.stderr) if config.logFormat == "json" else _textLines(sys.stderr)
+    observer = _jsonLines(sys.stderr) if daemon.logFormat == "json" else _textLines(sys.stderr)
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
-        tsmux = buildService(config, reactor)
+        tsmux = buildService(daemon, reactor, handleSignals=True)
     except StartupError as error:
         sys.stderr.write(f"tsmux: {error}\n")
         raise SystemExit(1) from None
@@ -59,6 +62,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     if failed:
         sys.stderr.write(f"tsmux: {failed[0]}\n")
         raise SystemExit(1)
+
+
+def _parse(options: usage.Options, arguments: list[str], command: str = "tsmux") -> Any:
+    """Parse, or one line on stderr and status 2."""
+    try:
+        options.parseOptions(arguments)
+    except usage.UsageError as error:
+        sys.stderr.write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
+        raise SystemExit(2) from None
+    return options
+
+
+class CheckOptions(Options):
+    """C{tsmux check}: the daemon's own options, checked without starting anything."""
+
+    synopsis = "Usage: tsmux check [--config FILE | the daemon's options]"
+    longdesc = (
+        "Check a configuration without starting anything: exit 0 and a one-line summary "
+        '("3 sockets, 7 rules"), or exit 1 with every problem found.'
+    )
+
+
+def check(arguments: list[str]) -> int:
+    """C{tsmux check}: validate the configuration; exit 0 with its summary, or 1 with every problem."""
+    options = _parse(CheckOptions(), arguments, "tsmux check")
+    try:
+        daemon = options.toDaemonConfig()
+    except ConfigError as error:
+        for line in error.errors:
+            sys.stdout.write(f"{line}\n")
+        sys.stdout.write(f"{len(error.errors)} problem{'s' * (len(error.errors) != 1)}: tsmux would not start\n")
+        return 1
+    sys.stdout.write(f"{daemon.summary()}\n")
+    return 0
+
+
+SUBCOMMANDS = {"check": check}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from twisted.python import usage
 
 from ._listen import defaultBacklog
+from ._rules import Callers, Rule
 
 DEFAULT_DIAL_TIMEOUT = 10.0
 PENDING_LIMIT = 64 * 1024
@@ -53,12 +54,32 @@ DEFAULT_LISTEN = "/var/run/tailscale/tsmux.sock"
 DEFAULT_LOCALAPI = "/var/run/tailscale/tailscaled.sock"
 DIALERS = ("localapi", "direct", "socks5:ENDPOINT", "nc", "nc:CLI")
 DIAL_SELF_POLICIES = ("refuse", "direct")
+OFFERS = ("socks5", "http-connect", "localapi")
+"""What a socket may offer; every socket given by flags offers all three."""
+NETMAP_REFRESH = 4.0
+"""Seconds between reads of tailscaled's status while some socket's rules need the tailnet view."""
+NETMAP_MAX_AGE = 30.0
+"""A tailnet view older than this is no view: decisions that need one fail closed."""
+
+
+def socketName(listen: str) -> str:
+    """A socket's default name: its path's file name without C{.sock} (an endpoint description has none)."""
+    if not listen.startswith("/"):
+        return ""
+    base = listen.rstrip("/").rsplit("/", 1)[-1]
+    return base.removesuffix(".sock")
 
 
 @dataclass(frozen=True)
 class Config:
-    """Everything tsmux is told at start, validated."""
+    """
+    One socket's settings, validated: where it listens, what it offers,
+    who may use it, its rules and its way out.  A daemon has one per socket
+    (L{DaemonConfig}); the process-wide ones (limits in all, admins, the
+    shutdown timeout) are the same in each.
+    """
 
+    name: str = "tsmux"
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
     mode: int = 0o660
     localapi: str = DEFAULT_LOCALAPI
@@ -84,6 +105,57 @@ class Config:
     socksAuth: str | None = None
     splice: bool = True
     upstreamAuth: str | None = None
+    offer: frozenset[str] = frozenset(OFFERS)
+    allowCallers: Callers | None = None
+    """Who may use this socket at all; C{None}: everyone who can open it."""
+    rules: tuple[Rule, ...] | None = None
+    """The socket's rules, first match wins; C{None}: every destination (C{NAME#open})."""
+    socketMaxConnections: int | None = None
+    """This socket's own cap, within the process-wide C{maxConnections}."""
+    socketMaxConnectionsPerUid: int | None = None
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """
+    Everything one tsmux process is told: its sockets (from flags, one; from
+    a file, any number) and what is process-wide.  Parsed once, handed on
+    whole; a reload builds a new one.
+    """
+
+    sockets: tuple[Config, ...]
+    maxConnections: int | None = None
+    maxConnectionsPerUid: int | None = None
+    shutdownTimeout: float = 30.0
+    adminUids: frozenset[int] = frozenset()
+    adminGids: frozenset[int] = frozenset()
+    logFormat: str = "text"
+    configFile: str | None = None
+    """The file the sockets came from (C{SIGHUP} re-reads it); C{None} for the flag form."""
+    netmapRefresh: float = NETMAP_REFRESH
+
+    @classmethod
+    def forSocket(cls, config: Config) -> DaemonConfig:
+        """The flag form: one socket, whose process-wide settings are the daemon's."""
+        return cls(
+            sockets=(config,),
+            maxConnections=config.maxConnections,
+            maxConnectionsPerUid=config.maxConnectionsPerUid,
+            shutdownTimeout=config.shutdownTimeout,
+            adminUids=config.adminUids,
+            adminGids=config.adminGids,
+            logFormat=config.logFormat,
+        )
+
+    @property
+    def ruleCount(self) -> int:
+        return sum(len(socket.rules or ()) for socket in self.sockets)
+
+    def summary(self) -> str:
+        """C{3 sockets, 7 rules}: what C{tsmux check} and a reload say first."""
+        count = len(self.sockets)
+        rules = self.ruleCount
+        return f"{count} socket{'s' if count != 1 else ''}, {rules} rule{'s' if rules != 1 else ''}"
 
 
 def _octalMode(text: str) -> int:
@@ -270,6 +342,14 @@ class Options(usage.Options):
             "File with one user:password line that the socks5: dialer presents upstream.",
         ],
         [
+            "config",
+            "c",
+            None,
+            "A TOML file describing any number of sockets, each with its own offer, callers and rules "
+            "in tailnet terms (docs: Sockets and rules). SIGHUP re-reads it. Not combined with flags "
+            "that describe a socket; --log-format still applies.",
+        ],
+        [
             "log-format",
             None,
             "text",
@@ -349,13 +429,52 @@ class Options(usage.Options):
             self["group"] = _gid(self["group"])
         if not self["localapi"].startswith("/"):
             raise usage.UsageError(f"--localapi wants an absolute path, not {self['localapi']!r}")
+        if self["config"] is not None:
+            given = self.socketFlagsGiven()
+            if given:
+                raise usage.UsageError(
+                    f"--config describes the sockets; {', '.join(given)} cannot be combined with it "
+                    "(put them in the file)"
+                )
+
+    def socketFlagsGiven(self) -> list[str]:
+        """The flags given that describe a socket (they conflict with C{--config})."""
+        given = []
+        for name in SOCKET_LIST_FLAGS:
+            if self[name]:
+                given.append(f"--{name}")
+        defaults = Options()
+        for parameter in self.optParameters:
+            name = str(parameter[0])  # type: ignore[index]
+            if name in PROCESS_FLAGS:
+                continue
+            default = defaults[name]
+            value = self[name]
+            if isinstance(default, str) and not isinstance(value, str):
+                # Defaults are kept as typed; compare what was given against the default's meaning.
+                default = _DEFAULT_MEANINGS.get(name, lambda text: text)(default)
+            if value != default:
+                given.append(f"--{name}")
+        if self["no-splice"]:
+            given.append("--no-splice")
+        return given
+
+    def toDaemonConfig(self) -> DaemonConfig:
+        """The daemon this command line describes: one socket from the flags, or the C{--config} file."""
+        if self["config"] is not None:
+            from ._configfile import loadConfigFile
+
+            return loadConfigFile(self["config"], logFormat=self["log-format"])
+        return DaemonConfig.forSocket(self.toConfig())
 
     def toConfig(self) -> Config:
         extra: dict[str, Any] = {}
         if self["backlog"] is not None:
             extra["backlog"] = self["backlog"]
+        listen = tuple(self["listen"]) or (DEFAULT_LISTEN,)
         return Config(
-            listen=tuple(self["listen"]) or (DEFAULT_LISTEN,),
+            name=socketName(listen[0]) or "tsmux",
+            listen=listen,
             mode=self["mode"],
             localapi=self["localapi"],
             dialer=self["dialer"],
@@ -380,3 +499,16 @@ class Options(usage.Options):
             upstreamAuth=self["upstream-auth"],
             **extra,
         )
+
+
+SOCKET_LIST_FLAGS = ("listen", "socks-allow-uid", "socks-allow-gid", "admin-uid", "admin-gid")
+PROCESS_FLAGS = frozenset({"config", "log-format"})
+_DEFAULT_MEANINGS = {
+    "mode": _octalMode,
+    "detect-timeout": _seconds,
+    "handshake-timeout": _seconds,
+    "dial-timeout": _seconds,
+    "shutdown-timeout": _seconds,
+    "half-close-timeout": _seconds,
+    "dialer": DialerSpec.parse,
+}

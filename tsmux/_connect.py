@@ -105,7 +105,7 @@ class HTTPConnectProtocol(Protocol):
         if rest:
             self._wait.pending.hold(rest)
         if self._context.credentials is None:
-            self._context.dial(self._wait, host, port)
+            self._dial(host, port)
             return
         ok = self._authorized(authorizations[0] if authorizations else None)
         delay = self._context.throttle.answered(self.record.uid, ok)
@@ -139,6 +139,15 @@ class HTTPConnectProtocol(Protocol):
                 Outcome.REFUSED,
                 'Proxy-Authenticate: Basic realm="tsmux"\r\n',
             )
+            return
+        self._dial(host, port)
+
+    def _dial(self, host: str, port: int) -> None:
+        """The socket's rules, then the dial."""
+        ruled = self._context.decide(self.record, host, port)
+        if ruled is not None and not ruled.allowed:
+            self._wait = None
+            self._answer(403, "Forbidden", f"tsmux: {ruled.reason}\n", Outcome.REFUSED)
             return
         assert self._wait is not None
         self._context.dial(self._wait, host, port)

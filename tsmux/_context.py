@@ -29,9 +29,40 @@ from ._interfaces import IDialer, IStreamTransport, IUpstream
 from ._limits import ConnectionLimits, RefusalBurst
 from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._metrics import Metrics
+from ._netmap import NetmapWatcher
+from ._peercred import PeerCredentials
 from ._policy import AccessPolicy
 from ._record import ConnectionRecord, Outcome
 from ._relay import Relay
+from ._rules import RuleDecision, RuleSet, parseTarget
+
+
+class SharedState:
+    """
+    What every socket of one process shares: the connection limits in all
+    and the counts they are checked against, the metrics, the password
+    turns (a uid guessing on one socket waits on all of them) and the
+    refusal bursts.  Counts per socket are kept by name, so a socket whose
+    settings were reloaded (a new L{ConnectionContext}) keeps its count.
+    """
+
+    def __init__(self, reactor: IReactorTime) -> None:
+        self.reactor = reactor
+        self.limits = ConnectionLimits.unlimited()
+        self.metrics = Metrics()
+        self.throttle = PasswordThrottle(reactor)
+        self.refusals = RefusalBurst(reactor)
+        self.started = reactor.seconds()
+        self.openTotal = 0
+        self.openByUid: Counter[int | None] = Counter()
+        self.openBySocket: Counter[str] = Counter()
+        self.openBySocketUid: Counter[tuple[str, int | None]] = Counter()
+        self.contexts: list[ConnectionContext] = []
+        """Every socket's context, those still draining after a reload included (for status and metrics)."""
+        self.configFile: str | None = None
+        self.lastReload: dict[str, Any] | None = None
+        self.reload: Callable[[], Deferred[dict[str, Any]]] | None = None
+        """Re-read the config file (the service's L{reload}), for C{/tsmux/v0/reload}."""
 
 
 class ConnectionContext:
@@ -51,6 +82,8 @@ class ConnectionContext:
         credentials: Credentials | None = None,
         health: LocalAPIHealth | None = None,
         limits: ConnectionLimits | None = None,
+        shared: SharedState | None = None,
+        netmap: NetmapWatcher | None = None,
     ) -> None:
         self.reactor = reactor
         self.config = config
@@ -59,28 +92,60 @@ class ConnectionContext:
         self.policy = policy if policy is not None else AccessPolicy()
         self.credentials = credentials
         self.health = health if health is not None else LocalAPIHealth(localapi.path)
-        self.limits = limits if limits is not None else ConnectionLimits.unlimited()
-        self.throttle = PasswordThrottle(reactor)
-        self.refusals = RefusalBurst(reactor)
-        self.metrics = Metrics()
-        self.started = reactor.seconds()
-        self.listening: list[str] = []
+        self.shared = shared if shared is not None else SharedState(reactor)
+        if limits is not None:
+            self.shared.limits = limits
+        self.throttle = self.shared.throttle
+        self.refusals = self.shared.refusals
+        self.metrics = self.shared.metrics
+        self.started = self.shared.started
+        self.name = config.name
+        self.ruleSet = RuleSet(config.name, config.rules) if config.rules is not None else None
+        self.netmap = netmap
+        self.listening: list[str] = list(config.listen)
+        self.accepting = True
+        """False once its socket stopped accepting (a reload removed or replaced it): it drains."""
         self.openConnections: set[ConnectionRecord] = set()
         self.openByUid: Counter[int | None] = Counter()
         self.relays: set[Relay] = set()
 
+    @property
+    def limits(self) -> ConnectionLimits:
+        """The process-wide limits (every socket's connections count against them)."""
+        return self.shared.limits
+
+    @limits.setter
+    def limits(self, limits: ConnectionLimits) -> None:
+        self.shared.limits = limits
+
     # the registry
 
     def admit(self, record: ConnectionRecord) -> str | None:
-        """Count a new connection in, or say why the limits refuse it."""
+        """Count a new connection in, or say why the limits (in all, then this socket's) refuse it."""
         uid = record.uid
-        refusal = self.limits.refusal(uid, len(self.openConnections), self.openByUid[uid])
+        shared, name = self.shared, self.name
+        refusal = shared.limits.refusal(uid, shared.openTotal, shared.openByUid[uid])
+        if refusal is None:
+            refusal = self._socketRefusal(uid)
         if refusal is not None:
             self.refusals.refused(record.peer, refusal)
             self.metrics.limitRefusals += 1
             return refusal
+        record.socket = name
         self.openConnections.add(record)
         self.openByUid[uid] += 1
+        shared.openTotal += 1
+        shared.openByUid[uid] += 1
+        shared.openBySocket[name] += 1
+        shared.openBySocketUid[(name, uid)] += 1
+        return None
+
+    def _socketRefusal(self, uid: int | None) -> str | None:
+        cap, capPerUid = self.config.socketMaxConnections, self.config.socketMaxConnectionsPerUid
+        if cap is not None and self.shared.openBySocket[self.name] >= cap:
+            return f"socket {self.name} holds {cap} connections (its max-connections)"
+        if capPerUid is not None and self.shared.openBySocketUid[(self.name, uid)] >= capPerUid:
+            return f"uid {uid} holds {capPerUid} connections on socket {self.name} (its max-connections-per-uid)"
         return None
 
     def ended(self, record: ConnectionRecord) -> None:
@@ -88,10 +153,42 @@ class ConnectionContext:
         if record in self.openConnections:
             self.openConnections.discard(record)
             uid = record.uid
-            self.openByUid[uid] -= 1
-            if not self.openByUid[uid]:
-                del self.openByUid[uid]
+            _countDown(self.openByUid, uid)
+            shared = self.shared
+            shared.openTotal -= 1
+            _countDown(shared.openByUid, uid)
+            _countDown(shared.openBySocket, self.name)
+            _countDown(shared.openBySocketUid, (self.name, uid))
         self.metrics.connectionEnded(record)
+
+    # this socket's own rules
+
+    def refusalAtSocket(self, protocol: str, peer: PeerCredentials | None) -> str | None:
+        """Why this socket turns C{peer} away for C{protocol} (not offered; not in allow-callers), or C{None}."""
+        config = self.config
+        if protocol not in config.offer:
+            return f"socket {self.name} does not offer {protocol} (it offers {', '.join(sorted(config.offer))})"
+        if config.allowCallers is not None and not config.allowCallers.matches(peer):
+            who = f"uid {peer.uid}" if peer is not None else "an unknown caller"
+            return f"{who} is not in socket {self.name}'s allow-callers"
+        return None
+
+    def decide(self, record: ConnectionRecord, host: str, port: int) -> RuleDecision | None:
+        """
+        The socket's rules on a dial to C{host}:C{port} for C{record}'s
+        caller: the decision (logged as C{rule=}, counted per rule), or
+        C{None} when the socket has no rules.
+        """
+        ruleSet = self.ruleSet
+        if ruleSet is None:
+            return None
+        netmap = self.netmap
+        view = netmap.current() if netmap is not None else None
+        whyNone = (netmap.whyNone() if netmap is not None else "tsmux reads no tailnet view") if view is None else ""
+        decision = ruleSet.decide(record.peer, parseTarget(host, port), view, whyNone)
+        record.rule = decision.label
+        self.metrics.ruleDecided(self.name, decision.label, decision.verdict.value)
+        return decision
 
     def closeIdleRelays(self) -> None:
         """Close relays idle past the idle or half-close timeout, or lingering past L{tsmux._relay.LINGER}."""
@@ -154,6 +251,12 @@ class ConnectionContext:
         relay.onFinished = finished
         relay.start(transport, upstream, pending.take(), pending.eof, resumeClient=pending.paused)
         return relay
+
+
+def _countDown(counter: Counter[Any], key: Any) -> None:
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
 
 
 def relayOutcome(relay: Relay) -> tuple[Outcome, str, dict[str, Any]]:

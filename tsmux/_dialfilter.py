@@ -28,6 +28,9 @@ from ._http import Body, Head, HTTPParseError, RequestFramer, RequestHead, Respo
 from ._interfaces import IStreamTransport
 from ._relay import Relay, RelayEnd, closeTransport
 
+DialJudge = Callable[[str | None, str | None], str | None]
+"""Given a dial's C{Dial-Host} and C{Dial-Port} headers, why it is refused, or C{None} to let it through."""
+
 HELD_LIMIT = 64 * 1024
 """Client bytes held while an upgrade is pending; past this, stop reading the client."""
 
@@ -60,10 +63,17 @@ class DialFilterRelay(Relay):
     upstream: _CountingUpstreamEnd
 
     def __init__(
-        self, clock: IReactorTime, refusal: str, onFinished: Callable[[Relay, Failure], None] | None = None
+        self,
+        clock: IReactorTime,
+        refusal: str | DialJudge,
+        onFinished: Callable[[Relay, Failure], None] | None = None,
     ) -> None:
+        """
+        @param refusal: why every dial is refused, or a L{DialJudge} that
+            decides each one (a socket's rules).
+        """
         super().__init__(clock, onFinished)
-        self._dialRefusal = refusal
+        self._judge: DialJudge = refusal if callable(refusal) else _refuseAll(refusal)
         self._requests = RequestFramer()
         self._responses = ResponseFramer()
         self._outstanding = 0
@@ -112,12 +122,14 @@ class DialFilterRelay(Relay):
                     self._refuse(400, "Bad Request", f"tsmux: {why}\n", why)
                     return
                 if _isDial(head):
-                    target = f"{head.header('Dial-Host') or '?'}:{head.header('Dial-Port') or '?'}"
+                    host, port = head.header("Dial-Host"), head.header("Dial-Port")
                     # Header values are kept as latin-1 text: back to the bytes sent, then escaped.
-                    self.dialTarget = escapeText(target.encode("latin-1", "replace"))
-                    why = f"LocalAPI dial to {self.dialTarget} refused: {self._dialRefusal}"
-                    self._refuse(403, "Forbidden", f"tsmux: {why}\n", why)
-                    return
+                    self.dialTarget = escapeText(f"{host or '?'}:{port or '?'}".encode("latin-1", "replace"))
+                    refusal = self._judge(host, port)
+                    if refusal is not None:
+                        why = f"LocalAPI dial to {self.dialTarget} refused: {refusal}"
+                        self._refuse(403, "Forbidden", f"tsmux: {why}\n", why)
+                        return
                 self._responses.expect(head.method == "HEAD")
                 self._outstanding += 1
                 self.requests += 1
@@ -180,6 +192,13 @@ class DialFilterRelay(Relay):
             # tailscaled is gone: no more answers will come, refuse now.
             self._answerIfDue(upstreamGone=True)
         super()._endLost(end, reason)
+
+
+def _refuseAll(reason: str) -> DialJudge:
+    def judge(host: str | None, port: str | None) -> str | None:
+        return reason
+
+    return judge
 
 
 DIAL_PATH = "/localapi/v0/dial"

@@ -32,6 +32,11 @@ class Metrics:
         self.dialSum = 0.0
         self.dialErrors: Counter[str] = Counter()
         self.limitRefusals = 0
+        self.ruleDecisions: Counter[tuple[str, str, str]] = Counter()
+
+    def ruleDecided(self, socket: str, rule: str, verdict: str) -> None:
+        """A socket's rules decided a dial: counted per socket, rule and verdict."""
+        self.ruleDecisions[(socket, rule, verdict)] += 1
 
     def connectionEnded(self, record: ConnectionRecord) -> None:
         protocol = record.protocol
@@ -53,7 +58,9 @@ class Metrics:
         if errorKind is not None:
             self.dialErrors[errorKind] += 1
 
-    def render(self, openConnections: int, localapiReachable: bool | None) -> bytes:
+    def render(
+        self, openConnections: int, localapiReachable: bool | None, openBySocket: dict[str, int] | None = None
+    ) -> bytes:
         lines = [
             "# HELP tsmux_connections_total Client connections ended, by protocol and outcome.",
             "# TYPE tsmux_connections_total counter",
@@ -66,6 +73,22 @@ class Metrics:
             "# HELP tsmux_open_connections Client connections open now.",
             "# TYPE tsmux_open_connections gauge",
             f"tsmux_open_connections {openConnections}",
+            "# HELP tsmux_socket_open_connections Client connections open now, by socket.",
+            "# TYPE tsmux_socket_open_connections gauge",
+        ]
+        for socket, count in sorted((openBySocket or {}).items()):
+            lines.append(f'tsmux_socket_open_connections{{socket="{_escape(socket)}"}} {count}')
+        lines += [
+            "# HELP tsmux_rule_decisions_total Dials decided by a socket's rules, by socket, rule and verdict "
+            "(allow, deny, no-netmap: failed closed without a tailnet view).",
+            "# TYPE tsmux_rule_decisions_total counter",
+        ]
+        for (socket, rule, verdict), count in sorted(self.ruleDecisions.items()):
+            lines.append(
+                f'tsmux_rule_decisions_total{{socket="{_escape(socket)}",rule="{_escape(rule)}",'
+                f'verdict="{_escape(verdict)}"}} {count}'
+            )
+        lines += [
             "# HELP tsmux_client_bytes_received_total Bytes received from clients (ended connections).",
             "# TYPE tsmux_client_bytes_received_total counter",
         ]

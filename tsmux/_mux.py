@@ -23,6 +23,7 @@ from ._connect import HTTPConnectProtocol
 from ._context import ConnectionContext, PhaseDeadline
 from ._detect import SOCKS4_REJECTED, detect
 from ._detect import Protocol as Detected
+from ._http import buildSimpleResponse
 from ._interfaces import IStreamTransport
 from ._passthrough import LocalAPIPassthrough
 from ._peercred import peerCredentials
@@ -89,17 +90,24 @@ class MuxProtocol(Protocol):
         following: Protocol
         if verdict.protocol is Detected.SOCKS5:
             record.protocol = "socks5"
-            following = SOCKS5ServerProtocol(context, record, deadline)
+            # A refused caller still gets its SOCKS5 answer: no acceptable method (05 FF).
+            refusal = context.refusalAtSocket("socks5", record.peer)
+            following = SOCKS5ServerProtocol(context, record, deadline, refusal)
         elif verdict.protocol is Detected.HTTP and buffered.startswith(b"CONNECT "):
             # The LocalAPI never uses CONNECT (tailscaled answers 405 on Linux): it is ours.
             record.protocol = "http-connect"
+            if self._refusedAtSocket(buffered):
+                return
             following = HTTPConnectProtocol(context, record, deadline)
         elif verdict.protocol is Detected.HTTP and _requestTarget(buffered).startswith(TSMUX_API_PREFIX):
+            # tsmux's own API answers its admins on every socket, whatever the socket offers.
             record.protocol = "tsmux-api"
             following = TsmuxAPIProtocol(context, record, deadline)
         elif verdict.protocol is Detected.HTTP:
-            deadline.cancel()
             record.protocol = "localapi"
+            if self._refusedAtSocket(buffered):
+                return
+            deadline.cancel()
             following = LocalAPIPassthrough(context, record)
         else:
             deadline.cancel()
@@ -112,6 +120,21 @@ class MuxProtocol(Protocol):
             return
         self._handedOff = True
         switchProtocol(self.transport, following, buffered)
+
+    def _refusedAtSocket(self, buffered: bytes) -> bool:
+        """HTTP this socket does not offer, or from a caller it does not allow: 403, naming the socket."""
+        refusal = self._context.refusalAtSocket(self.record.protocol, self.record.peer)
+        if refusal is None:
+            return False
+        self._handedOff = True
+        assert self._deadline is not None
+        self._deadline.cancel()
+        record = self.record
+        record.bytesFromClient = len(buffered)
+        record.sent(buildSimpleResponse(403, "Forbidden", f"tsmux: {refusal}\n"))
+        record.finish(Outcome.REFUSED, refusal, status=403)
+        self.transport.loseConnection()
+        return True
 
     def _requestLineSeen(self) -> bool:
         """

@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._context import ConnectionContext, UpstreamWait, clientGone, heldEOF, relayOutcome
-from ._dialfilter import DialFilterRelay
+from ._dialfilter import DialFilterRelay, DialJudge
 from ._errors import failureReason
 from ._http import buildSimpleResponse
 from ._interfaces import IStreamTransport, IUpstream
@@ -34,7 +34,7 @@ class LocalAPIPassthrough(Protocol):
     def __init__(self, context: ConnectionContext, record: ConnectionRecord) -> None:
         self._context = context
         self.record = record
-        self._dialRefusal: str | None = None
+        self._dialJudge: str | DialJudge | None = None
         self._wait: UpstreamWait | None = None
 
     def connectionMade(self) -> None:
@@ -46,8 +46,14 @@ class LocalAPIPassthrough(Protocol):
             self.record.finish(Outcome.REFUSED, refusal, status=403)
             self.transport.loseConnection()
             return
-        self._dialRefusal = self._context.policy.localAPIDialRefusal(peer)
-        self.record.access = "passthrough" if self._dialRefusal is None else "dial-filter"
+        refusal = self._context.policy.localAPIDialRefusal(peer)
+        if refusal is not None:
+            self._dialJudge, self.record.access = refusal, "dial-filter"
+        elif self._context.ruleSet is not None:
+            # A socket with rules: every dial on it is decided by them, admins' too.
+            self._dialJudge, self.record.access = self._judgeByRules, "dial-rules"
+        else:
+            self.record.access = "passthrough"
         self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
         connecting = self._context.localapi.connect(peer, HeldConnection())
         self._wait.begin(connecting)  # type: ignore[arg-type]
@@ -60,14 +66,21 @@ class LocalAPIPassthrough(Protocol):
     def _ready(self, upstream: IUpstream) -> None:
         self._context.health.succeeded()
         assert self._wait is not None
-        if self._dialRefusal is None:
+        if self._dialJudge is None:
             self._context.startRelay(self.record, self.transport, upstream, self._wait.pending)
             self._wait = None  # the relay owns the connection now: nothing here stays alive with it
             return
-        relay = DialFilterRelay(self._context.reactor, self._dialRefusal)
+        relay = DialFilterRelay(self._context.reactor, self._dialJudge)
         self._context.startRelay(
             self.record, self.transport, upstream, self._wait.pending, relay, lambda _: self._filterOutcome(relay)
         )
+
+    def _judgeByRules(self, host: str | None, port: str | None) -> str | None:
+        """A LocalAPI dial on a socket with rules: decided like a SOCKS5 or CONNECT one."""
+        if not host or port is None or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 0xFFFF:
+            return "a dial needs Dial-Host and a Dial-Port from 1 to 65535"
+        decision = self._context.decide(self.record, host, int(port))
+        return None if decision is None or decision.allowed else decision.reason
 
     def _filterOutcome(self, relay: DialFilterRelay) -> tuple[Outcome, str, dict[str, Any]]:
         self.record.requests = relay.requests

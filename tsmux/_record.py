@@ -62,6 +62,8 @@ class ConnectionRecord:
         "_onFinished",
         "transport",
         "cutAtShutdown",
+        "socket",
+        "rule",
     )
 
     def __init__(
@@ -85,6 +87,10 @@ class ConnectionRecord:
         self._onFinished = onFinished
         self.transport: Any = None
         self.cutAtShutdown = False
+        self.socket = ""
+        """The name of the socket the connection came in on."""
+        self.rule: str | None = None
+        """The socket rule that decided its dial (C{web#1}, C{web#end}, C{web#open}), if one was decided."""
 
     @property
     def finished(self) -> bool:
@@ -101,12 +107,14 @@ class ConnectionRecord:
 
     def _subject(self, target: str | None) -> str:
         if target is not None:
-            return f"target={target}"
-        if self.requests is not None:
-            return f"requests={self.requests} access={self.access}"
-        if self.access is not None:
-            return f"access={self.access}"
-        return "-"
+            subject = f"target={target}"
+        elif self.requests is not None:
+            subject = f"requests={self.requests} access={self.access}"
+        elif self.access is not None:
+            subject = f"access={self.access}"
+        else:
+            return "-"
+        return subject if self.rule is None else f"{subject} rule={self.rule}"
 
     def finish(
         self,
@@ -147,13 +155,16 @@ class ConnectionRecord:
             told = f"cut-at-shutdown ({told})"
         # Formatted here, once: Twisted's formatter would parse a long format per connection.
         line = (
-            f"{self.protocol} {peer} {self._subject(target)} up={self.bytesFromClient} down={self.bytesToClient} "
+            f"{self.protocol} socket={self.socket} {peer} {self._subject(target)} "
+            f"up={self.bytesFromClient} down={self.bytesToClient} "
             f"{duration:.3f}s {told}{': ' if detail else ''}{detail}"
         )
         _connectionLog.info(
             "{line}",
             line=line,
             protocol=self.protocol,
+            socket=self.socket,
+            rule=self.rule,
             peer=peer,
             target=target,
             requests=self.requests,

@@ -6,6 +6,7 @@ from the L{Config}, listens, sweeps, and stops gracefully.
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 from typing import Any, cast
 
@@ -19,8 +20,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._auth import Credentials, readUpstreamCredentials
-from ._config import Config, Options
-from ._context import ConnectionContext
+from ._config import Config, DaemonConfig, Options
+from ._configfile import ConfigError, loadConfigFile
+from ._context import ConnectionContext, SharedState
 from ._dialers import DirectDialer, LocalAPIDialer, SOCKS5Dialer
 from ._errors import failureReason
 from ._interfaces import IDialer, IStreamTransport
@@ -33,95 +35,210 @@ from ._listen import (
     notifySystemd,
     prepareSocketPath,
 )
-from ._localapi import LocalAPIAccess, LocalAPIHealth
+from ._localapi import LocalAPIAccess, LocalAPIClient, LocalAPIHealth
 from ._mux import MuxFactory
 from ._nc import NcDialer
+from ._netmap import NetmapWatcher, statusFetcher
 from ._policy import AccessPolicy
-from ._record import Outcome
+from ._record import ConnectionRecord, Outcome
+from ._rules import RuleSet
 from ._upstream import quietConnect
 
 
-class TsmuxService(service.Service):
+class SocketListener:
     """
-    Listens on every configured address with one L{MuxFactory}.
-
-    Listening happens in L{privilegedStartService} (before twistd drops
-    privileges).  Stopping stops accepting at once (removing the sockets
-    tsmux created), lets open connections finish for up to
-    C{shutdownTimeout} seconds, then cuts the rest.
+    One configured socket: its L{ConnectionContext} (settings, rules, way
+    out), the L{MuxFactory} that builds its connections, and its ports.  A
+    reload that changes only settings gives the factory a new context; the
+    old one drains with the connections it already has.
     """
 
-    log = Logger()
-
-    def __init__(self, config: Config, reactor: Any) -> None:
-        self.config = config
-        self.reactor = reactor
-        self.health = LocalAPIHealth(config.localapi, socksUsesIt=config.dialer.kind == "localapi")
-        self.access = LocalAPIAccess(reactor, config.localapi, config.dialTimeout)
-        self.dialer = makeDialer(config, reactor, self.health, self.access)
-        self.policy = AccessPolicy(
-            socksAllowUids=config.socksAllowUids,
-            socksAllowGids=config.socksAllowGids,
-            adminUids=config.adminUids,
-            adminGids=config.adminGids,
-            dialNeedsPassword=config.socksAuth is not None,
-        )
-        self.context = ConnectionContext(
-            reactor,
-            config,
-            self.dialer,
-            self.access,
-            policy=self.policy,
-            credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
-            health=self.health,
-        )
-        self.context.listening = list(config.listen)
-        self.factory = MuxFactory(self.context)
-        self._sweep: LoopingCall | None = None
-        self._cutNow = False
+    def __init__(self, context: ConnectionContext) -> None:
+        self.context = context
+        self.factory = MuxFactory(context)
         self.ports: list[IListeningPort] = []
 
+    @property
+    def config(self) -> Config:
+        return self.context.config
+
     def preflight(self) -> None:
-        """Check (and clean up stale sockets at) every path before listening anywhere."""
         for address in self.config.listen:
             if address.startswith("/"):
                 prepareSocketPath(address)
 
-    def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+    def listen(self, reactor: Any) -> None:
         config = self.config
-        self._fileLimits = raiseFileLimit()
-        self.context.limits = ConnectionLimits.derive(
-            self._fileLimits[1], config.maxConnections, config.maxConnectionsPerUid
-        )
         try:
             for address in config.listen:
                 if address.startswith("/"):
-                    port = listenOnPath(
-                        self.reactor, address, self.factory, config.mode, config.backlog, group=config.group
-                    )
+                    port = listenOnPath(reactor, address, self.factory, config.mode, config.backlog, group=config.group)
                 elif address.lower().startswith("systemd:"):
-                    port = listenOnSystemd(self.reactor, address, self.factory)
+                    port = listenOnSystemd(reactor, address, self.factory)
                 else:
-                    port = listenOnDescription(self.reactor, address, self.factory, config.backlog)
+                    port = listenOnDescription(reactor, address, self.factory, config.backlog)
                 self.ports.append(port)
         except StartupError:
-            for port in self.ports:
-                port.stopListening()
-            self.ports = []
+            self.stopListening()
+            raise
+
+    def stopListening(self) -> defer.Deferred[Any]:
+        """Stop accepting (a socket tsmux created is removed); open connections go on."""
+        ports, self.ports = self.ports, []
+        self.context.accepting = False
+        return defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
+
+
+ReloadPlan = dict[str, tuple[str, "ConnectionContext | None"]]
+"""Socket name -> what a reload does to it (added, removed, re-created, updated, unchanged) and its new context."""
+
+
+def sameAddress(old: Config, new: Config) -> bool:
+    """Whether a socket can stay as it is: same address, mode, group and backlog."""
+    return (old.listen, old.mode, old.group, old.backlog) == (new.listen, new.mode, new.group, new.backlog)
+
+
+class TsmuxService(service.Service):
+    """
+    Listens on every configured socket, each with its own
+    L{ConnectionContext}; all share one L{SharedState} (limits in all,
+    metrics, password turns).
+
+    Listening happens in L{privilegedStartService} (before twistd drops
+    privileges).  With a config file, C{SIGHUP} (and L{reload}) re-reads it
+    and applies it without dropping a connection.  Stopping stops accepting
+    at once (removing the sockets tsmux created), lets open connections
+    finish for up to C{shutdownTimeout} seconds, then cuts the rest.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: DaemonConfig | Config, reactor: Any, handleSignals: bool = False) -> None:
+        """
+        @param handleSignals: re-read the config file on C{SIGHUP} (the
+            programs set this; tests call L{reload} instead).
+        """
+        self._handleSignals = handleSignals
+        if isinstance(config, Config):
+            config = DaemonConfig.forSocket(config)
+        self.daemon = config
+        self.reactor = reactor
+        self.shared = SharedState(reactor)
+        self.shared.configFile = config.configFile
+        self.shared.reload = self.reload
+        self._started = False
+        self.accesses: dict[str, LocalAPIAccess] = {}
+        self.healths: dict[str, LocalAPIHealth] = {}
+        self.netmaps: dict[str, NetmapWatcher] = {}
+        self.listeners: dict[str, SocketListener] = {}
+        for socket in config.sockets:
+            listener = SocketListener(self.buildContext(socket, config))
+            self.listeners[socket.name] = listener
+            self.shared.contexts.append(listener.context)
+        self._sweep: LoopingCall | None = None
+        self._cutNow = False
+        self._fileLimits = (0, 0)
+
+    # compatibility with one socket: its context, dialer, access
+
+    @property
+    def context(self) -> ConnectionContext:
+        return next(iter(self.listeners.values())).context
+
+    @property
+    def config(self) -> Config:
+        return self.context.config
+
+    @property
+    def ports(self) -> list[IListeningPort]:
+        return [port for listener in self.listeners.values() for port in listener.ports]
+
+    # building
+
+    def _access(self, config: Config) -> LocalAPIAccess:
+        access = self.accesses.get(config.localapi)
+        if access is None:
+            access = self.accesses[config.localapi] = LocalAPIAccess(self.reactor, config.localapi, config.dialTimeout)
+            if self._started:
+                access.decide()
+        return access
+
+    def _health(self, config: Config) -> LocalAPIHealth:
+        health = self.healths.get(config.localapi)
+        if health is None:
+            health = self.healths[config.localapi] = LocalAPIHealth(config.localapi)
+        # Whether SOCKS5 dials fail with it too is said in its warning: true if any socket dials through it.
+        health.socksUsesIt = health.socksUsesIt and config.dialer.kind == "localapi"
+        return health
+
+    def _netmap(self, config: Config) -> NetmapWatcher | None:
+        if not config.rules or not RuleSet(config.name, config.rules).needsNetmap:
+            return None
+        watcher = self.netmaps.get(config.localapi)
+        if watcher is None:
+            client = LocalAPIClient(self.reactor, config.localapi, timeout=config.dialTimeout)
+            watcher = NetmapWatcher(self.reactor, statusFetcher(client), interval=self.daemon.netmapRefresh)
+            self.netmaps[config.localapi] = watcher
+            if self._started:
+                watcher.start()
+        return watcher
+
+    def buildContext(self, config: Config, daemon: DaemonConfig) -> ConnectionContext:
+        """A socket's context: its dialer, policy and credentials; raises L{StartupError}."""
+        access = self._access(config)
+        health = self._health(config)
+        dialer = makeDialer(config, self.reactor, health, access)
+        policy = AccessPolicy(
+            socksAllowUids=config.socksAllowUids,
+            socksAllowGids=config.socksAllowGids,
+            adminUids=daemon.adminUids,
+            adminGids=daemon.adminGids,
+            dialNeedsPassword=config.socksAuth is not None,
+        )
+        return ConnectionContext(
+            self.reactor,
+            config,
+            dialer,
+            access,
+            policy=policy,
+            credentials=Credentials.fromFile(config.socksAuth) if config.socksAuth else None,
+            health=health,
+            shared=self.shared,
+            netmap=self._netmap(config),
+        )
+
+    # starting
+
+    def preflight(self) -> None:
+        """Check (and clean up stale sockets at) every path before listening anywhere."""
+        for listener in self.listeners.values():
+            listener.preflight()
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._fileLimits = raiseFileLimit()
+        daemon = self.daemon
+        self.shared.limits = ConnectionLimits.derive(
+            self._fileLimits[1], daemon.maxConnections, daemon.maxConnectionsPerUid
+        )
+        started: list[SocketListener] = []
+        try:
+            for listener in self.listeners.values():
+                listener.listen(self.reactor)
+                started.append(listener)
+        except StartupError:
+            for listener in started:
+                listener.stopListening()
             raise
 
     def startService(self) -> None:
         if not self.ports:
             self.privilegedStartService()
         super().startService()
-        self.log.info(
-            "tsmux listening on {addresses}; dialer {dialer}; LocalAPI {localapi}",
-            addresses=", ".join(self.config.listen),
-            dialer=self.dialer.description,
-            localapi=self.config.localapi,
-        )
-        limits = self.context.limits
+        self._started = True
+        for listener in self.listeners.values():
+            self._logSocket(listener.context, "listening on")
+        limits = self.shared.limits
         before, after = self._fileLimits
         self.log.info(
             "connection limits: {total} in all ({reserve} kept for root), {perUid} per uid; descriptor limit "
@@ -132,37 +249,231 @@ class TsmuxService(service.Service):
             after=after,
             raised=f" (raised from {before})" if after != before else "",
         )
-        if self.config.maxConnections is not None and limits.total < self.config.maxConnections:
+        if self.daemon.maxConnections is not None and limits.total < self.daemon.maxConnections:
             self.log.warn(
                 "--max-connections {asked} lowered to {total}: the descriptor limit ({after}) carries no more",
-                asked=self.config.maxConnections,
+                asked=self.daemon.maxConnections,
                 total=limits.total,
                 after=after,
             )
-        if self.config.operatorRefresh is not None:
+        if any(listener.config.operatorRefresh is not None for listener in self.listeners.values()):
             self.log.warn(
                 "--operator-refresh is obsolete and ignored: tsmux connects to tailscaled as each caller, "
                 "and tailscaled applies its own operator rules"
             )
         # Decided now, not at import: twistd may have dropped root since.
-        self.access.decide()
-        self.probeLocalAPI()
-        notifySystemd(f"READY=1\nSTATUS=listening on {', '.join(self.config.listen)}")
-        self._sweep = self.context.startSweeping()
+        for access in self.accesses.values():
+            access.decide()
+        for path in self.healths:
+            self.probeLocalAPI(path)
+        for watcher in self.netmaps.values():
+            watcher.start()
+        addresses = ", ".join(address for listener in self.listeners.values() for address in listener.config.listen)
+        notifySystemd(f"READY=1\nSTATUS=listening on {addresses}")
+        self._sweep = self._startSweeping()
+        if self.daemon.configFile is not None and self._handleSignals:
+            self._installReloadSignal()
 
-    def probeLocalAPI(self) -> defer.Deferred[None]:
+    def _logSocket(self, context: ConnectionContext, what: str) -> None:
+        config = context.config
+        if len(self.listeners) == 1 and self.daemon.configFile is None:
+            # The flag form: one socket, as tsmux has always said it.
+            self.log.info(
+                "tsmux listening on {addresses}; dialer {dialer}; LocalAPI {localapi}",
+                addresses=", ".join(config.listen),
+                dialer=context.dialer.description,
+                localapi=config.localapi,
+            )
+            return
+        rules = "no rules" if config.rules is None else f"{len(config.rules)} rule{'s' * (len(config.rules) != 1)}"
+        self.log.info(
+            "socket {name} {what} {addresses}: offers {offers}; {rules}; dialer {dialer}; LocalAPI {localapi}",
+            name=config.name,
+            what=what,
+            addresses=", ".join(config.listen),
+            offers=", ".join(sorted(config.offer)),
+            rules=rules,
+            dialer=context.dialer.description,
+            localapi=config.localapi,
+        )
+
+    def _startSweeping(self) -> LoopingCall:
+        """
+        One periodic sweep for every socket (draining ones too): timeouts,
+        lingering relays, peers that hung up; and contexts left by a reload
+        are let go once their last connection ends.  Every second, sooner
+        for short timeouts.
+        """
+        timeouts = [
+            t
+            for listener in self.listeners.values()
+            for t in (listener.config.idleTimeout, listener.config.halfCloseTimeout)
+            if t is not None
+        ]
+        loop = LoopingCall(self._sweepAll)
+        loop.clock = self.reactor
+        loop.start(min([1.0] + [t / 4 for t in timeouts]), now=False)
+        return loop
+
+    def _sweepAll(self) -> None:
+        shared = self.shared
+        for context in list(shared.contexts):
+            context.sweep()
+            if not context.accepting and not context.openConnections and not context.relays:
+                shared.contexts.remove(context)
+
+    def probeLocalAPI(self, path: str | None = None) -> defer.Deferred[None]:
         """Say once, at start, whether tailscaled's LocalAPI answers."""
-        endpoint = UNIXClientEndpoint(self.reactor, self.config.localapi, timeout=self.config.dialTimeout)
+        path = path if path is not None else self.config.localapi
+        health = self.healths[path]
+        endpoint = UNIXClientEndpoint(self.reactor, path, timeout=self.config.dialTimeout)
         connecting = quietConnect(endpoint, Protocol())
 
         def reachable(protocol: Protocol) -> None:
             cast(IStreamTransport, protocol.transport).loseConnection()
-            self.health.succeeded()
+            health.succeeded()
 
         def unreachable(failure: Failure) -> None:
-            self.health.failed(failureReason(failure))
+            health.failed(failureReason(failure))
 
         return connecting.addCallbacks(reachable, unreachable)
+
+    # reloading
+
+    def _installReloadSignal(self) -> None:
+        def onSignal(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        signal.signal(signal.SIGHUP, onSignal)
+
+    def reload(self) -> defer.Deferred[dict[str, Any]]:
+        """
+        Re-read the config file and apply it: new sockets listen, removed
+        ones stop accepting (their connections go on), one whose address,
+        mode or group changed is re-created, and new settings and rules
+        apply to new connections at once.  An invalid file (or one that
+        cannot be applied: a path held by another server, a dialer that
+        cannot be built) changes nothing and logs one error line.
+
+        @return: what happened, as C{/tsmux/v0/reload} answers it.
+        """
+        return defer.ensureDeferred(self._reload())
+
+    async def _reload(self) -> dict[str, Any]:
+        path = self.daemon.configFile
+        if path is None:
+            return {"reloaded": False, "error": "tsmux was started with flags: there is no config file to reload"}
+        try:
+            daemon = loadConfigFile(path, logFormat=self.daemon.logFormat)
+            plan = self._plan(daemon)
+        except (ConfigError, StartupError) as error:
+            lines = error.errors if isinstance(error, ConfigError) else [str(error)]
+            self.log.error(
+                "reload of {file} failed, the running config is kept: {errors}", file=path, errors="; ".join(lines)
+            )
+            result = {"reloaded": False, "error": "; ".join(lines), "errors": lines}
+            self.shared.lastReload = result
+            return result
+        result = await self._apply(daemon, plan)
+        self.shared.lastReload = result
+        return result
+
+    def _plan(self, daemon: DaemonConfig) -> ReloadPlan:
+        """
+        What a reload to C{daemon} does to each socket, with the new contexts
+        built and new paths checked before anything changes.
+        """
+        plan: ReloadPlan = {}
+        new = {socket.name: socket for socket in daemon.sockets}
+        for name in self.listeners:
+            if name not in new:
+                plan[name] = ("removed", None)
+        for name, config in new.items():
+            old = self.listeners.get(name)
+            if (
+                old is not None
+                and old.config == config
+                and self.daemon.adminUids == daemon.adminUids
+                and (self.daemon.adminGids == daemon.adminGids)
+            ):
+                plan[name] = ("unchanged", None)
+                continue
+            context = self.buildContext(config, daemon)
+            if old is None:
+                action = "added"
+            elif sameAddress(old.config, config):
+                action = "updated"
+            else:
+                action = "re-created"
+            if action != "updated":
+                for address in config.listen:
+                    taken = old is not None and address in old.config.listen
+                    if address.startswith("/") and not taken:
+                        prepareSocketPath(address)
+            plan[name] = (action, context)
+        return plan
+
+    async def _apply(
+        self, daemon: DaemonConfig, plan: dict[str, tuple[str, ConnectionContext | None]]
+    ) -> dict[str, Any]:
+        shared = self.shared
+        changed: dict[str, list[str]] = {"added": [], "removed": [], "re-created": [], "updated": []}
+        failed: list[str] = []
+        for name, (action, context) in plan.items():
+            old = self.listeners.get(name)
+            if action == "unchanged":
+                continue
+            if action in ("removed", "re-created") and old is not None:
+                await old.stopListening()
+                del self.listeners[name]
+            if action == "updated" and old is not None and context is not None:
+                old.context.accepting = False
+                old.context = context
+                old.factory.context = context
+                shared.contexts.append(context)
+            elif context is not None:
+                listener = SocketListener(context)
+                try:
+                    listener.listen(self.reactor)
+                except StartupError as error:
+                    context.accepting = False
+                    failed.append(f"{name}: {error}")
+                    continue
+                self.listeners[name] = listener
+                shared.contexts.append(context)
+            changed[action].append(name)
+        # Keep the order of the file (the first socket is where status and reload are asked).
+        order = [socket.name for socket in daemon.sockets]
+        self.listeners = {name: self.listeners[name] for name in order if name in self.listeners}
+        if (daemon.maxConnections, daemon.maxConnectionsPerUid) != (
+            self.daemon.maxConnections,
+            self.daemon.maxConnectionsPerUid,
+        ):
+            shared.limits = ConnectionLimits.derive(
+                self._fileLimits[1], daemon.maxConnections, daemon.maxConnectionsPerUid
+            )
+        self.daemon = daemon
+        for path in [path for path in self.netmaps if not self._needsNetmap(path)]:
+            self.netmaps.pop(path).stop()
+        parts = [f"{action} {', '.join(names)}" for action, names in changed.items() if names] or ["nothing changed"]
+        summary = f"{daemon.summary()}; {'; '.join(parts)}"
+        self.log.info("reloaded {file}: {summary}", file=daemon.configFile, summary=summary)
+        for name in changed["added"] + changed["re-created"]:
+            self._logSocket(self.listeners[name].context, "listening on")
+        for line in failed:
+            self.log.error("reload: socket {line}", line=line)
+        result: dict[str, Any] = {"reloaded": True, "summary": summary, **changed}
+        if failed:
+            result["failed"] = failed
+        return result
+
+    def _needsNetmap(self, path: str) -> bool:
+        return any(
+            context.netmap is self.netmaps[path] and (context.accepting or context.openConnections)
+            for context in self.shared.contexts
+        )
+
+    # stopping
 
     def cutNow(self) -> None:
         """A second signal during shutdown: stop waiting for open connections."""
@@ -176,36 +487,44 @@ class TsmuxService(service.Service):
 
     async def _stop(self) -> None:
         notifySystemd("STOPPING=1")
-        ports, self.ports = self.ports, []
-        await defer.gatherResults([defer.maybeDeferred(port.stopListening) for port in ports])
-        self.context.refusals.stop()
-        closeDialer = getattr(self.dialer, "close", None)
-        if closeDialer is not None:
-            await closeDialer()
-        open = self.context.openConnections
-        if open:
+        await defer.gatherResults([listener.stopListening() for listener in self.listeners.values()])
+        self.shared.refusals.stop()
+        for watcher in self.netmaps.values():
+            watcher.stop()
+        for context in self.shared.contexts:
+            closeDialer = getattr(context.dialer, "close", None)
+            if closeDialer is not None:
+                await closeDialer()
+        contexts = self.shared.contexts
+
+        def stillOpen() -> list[ConnectionRecord]:
+            return [record for context in contexts for record in context.openConnections]
+
+        if stillOpen():
             self.log.info(
                 "stopped accepting; waiting up to {timeout:g} s for {count} open connection(s)",
-                timeout=self.config.shutdownTimeout,
-                count=len(open),
+                timeout=self.daemon.shutdownTimeout,
+                count=len(stillOpen()),
             )
-        deadline = self.reactor.seconds() + self.config.shutdownTimeout
-        while open and self.reactor.seconds() < deadline and not self._cutNow:
+        deadline = self.reactor.seconds() + self.daemon.shutdownTimeout
+        while stillOpen() and self.reactor.seconds() < deadline and not self._cutNow:
             await deferLater(self.reactor, min(0.05, max(0.0, deadline - self.reactor.seconds())))
         # Swept until here: timeouts, the linger and hung-up peers still apply while open ones finish.
         if self._sweep is not None and self._sweep.running:
             self._sweep.stop()
+        open = stillOpen()
         if open:
             self.log.warn("shutting down: cutting {count} connection(s)", count=len(open))
-            for record in list(open):
+            for record in open:
                 record.cutAtShutdown = True
                 if record.transport is not None:
                     record.transport.abortConnection()
-            for relay in list(self.context.relays):
-                relay.abort()
+            for context in contexts:
+                for relay in list(context.relays):
+                    relay.abort()
             # Aborted connections report their loss on the next turn; let their lines be logged.
             await deferLater(self.reactor, 0.05)
-            for record in list(open):
+            for record in open:
                 record.finish(Outcome.CUT_AT_SHUTDOWN, "still open when tsmux stopped")
 
 
@@ -236,13 +555,13 @@ def makeDialer(config: Config, reactor: Any, health: LocalAPIHealth, access: Loc
     )
 
 
-def buildService(config: Config, reactor: Any = None) -> TsmuxService:
+def buildService(config: DaemonConfig | Config, reactor: Any = None, handleSignals: bool = False) -> TsmuxService:
     """The service for C{config}, its listen paths checked; raises L{StartupError}."""
     if reactor is None:
         from twisted.internet import reactor as globalReactor
 
         reactor = globalReactor
-    tsmux = TsmuxService(config, reactor)
+    tsmux = TsmuxService(config, reactor, handleSignals)
     tsmux.preflight()
     return tsmux
 
@@ -253,7 +572,10 @@ def makeService(options: Options) -> TsmuxService:
     exit status 1, not a traceback.
     """
     try:
-        return buildService(options.toConfig())
+        return buildService(options.toDaemonConfig(), handleSignals=True)
+    except ConfigError as error:
+        sys.stderr.write("".join(f"tsmux: {line}\n" for line in error.errors))
+        raise SystemExit(1) from None
     except StartupError as error:
         sys.stderr.write(f"tsmux: {error}\n")
         raise SystemExit(1) from None

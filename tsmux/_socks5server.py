@@ -39,13 +39,23 @@ class SOCKS5ServerProtocol(Protocol):
 
     transport: IStreamTransport
 
-    def __init__(self, context: ConnectionContext, record: ConnectionRecord, deadline: PhaseDeadline) -> None:
+    def __init__(
+        self,
+        context: ConnectionContext,
+        record: ConnectionRecord,
+        deadline: PhaseDeadline,
+        refusedAtSocket: str | None = None,
+    ) -> None:
         self._context = context
         self.record = record
         self._deadline = deadline
+        self._refusedAtSocket = refusedAtSocket
         self._decision = context.policy.mayDial(record.peer)
-        if context.credentials is not None and self._decision.allowed:
-            methods: tuple[int, ...] = (Method.USERNAME_PASSWORD,)
+        methods: tuple[int, ...]
+        if refusedAtSocket is not None:
+            methods = ()  # the socket does not offer SOCKS5, or not to this caller: 05 FF
+        elif context.credentials is not None and self._decision.allowed:
+            methods = (Method.USERNAME_PASSWORD,)
         else:
             methods = (Method.NO_AUTH,)
         self._codec: SOCKS5ServerCodec | None = SOCKS5ServerCodec(methods)
@@ -69,7 +79,10 @@ class SOCKS5ServerProtocol(Protocol):
                 self.record.sent(event.data)
             elif isinstance(event, Close):
                 self._deadline.cancel()
-                self.record.finish(Outcome.CLIENT_ERROR, event.reason)
+                if self._refusedAtSocket is not None:
+                    self.record.finish(Outcome.REFUSED, self._refusedAtSocket)
+                else:
+                    self.record.finish(Outcome.CLIENT_ERROR, event.reason)
                 self.transport.loseConnection()
                 return
             elif isinstance(event, ConnectRequested):
@@ -101,9 +114,14 @@ class SOCKS5ServerProtocol(Protocol):
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"
-        if not self._decision.allowed:
+        refusal = self._decision.reason if not self._decision.allowed else None
+        if refusal is None:
+            ruled = self._context.decide(self.record, request.host, request.port)
+            if ruled is not None and not ruled.allowed:
+                refusal = ruled.reason
+        if refusal is not None:
             self.record.sent(buildReply(Reply.NOT_ALLOWED))
-            self.record.finish(Outcome.REFUSED, self._decision.reason)
+            self.record.finish(Outcome.REFUSED, refusal)
             self.transport.loseConnection()
             return
         self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
