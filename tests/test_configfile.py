@@ -72,7 +72,7 @@ class ConfigFileTests(SynchronousTestCase):
         self.assertIsNone(admin.allowCallers)
         assert web.rules is not None
         self.assertEqual(len(web.rules), 3)
-        self.assertIsNone(admin.rules)
+        self.assertEqual(admin.rules, ())
         self.assertEqual(web.socketMaxConnections, 20)
         self.assertIsNone(admin.socketMaxConnections)
         self.assertEqual(daemon.maxConnections, 500)

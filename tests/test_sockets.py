@@ -74,7 +74,7 @@ class SocketMixin(TestCaseMixinBase):
         self.dialer = FakeDialer()
         self.localapi = FakeLocalAPIAccess()
         self.context = makeContext(self.reactor, self.dialer, self.localapi, name="web", **self.settings)
-        self.context.netmap = FakeNetmap()  # type: ignore[assignment]
+        self.context.netmap = FakeNetmap()
         self.factory = MuxFactory(self.context)
         self.events = capturedEvents(self)
 
@@ -188,7 +188,7 @@ class RuleDecisionTests(SocketMixin, SynchronousTestCase):
         self.assertIn(b"rule web#2 denies", transport.value())
 
     def test_noViewFailsClosed(self) -> None:
-        self.context.netmap = FakeNetmap(None)  # type: ignore[assignment]
+        self.context.netmap = FakeNetmap(None)
         transport = self.socks(ROOT, "db-1", 443)
         self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED))
         self.assertIn(

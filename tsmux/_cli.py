@@ -74,31 +74,32 @@ def _parse(options: usage.Options, arguments: list[str], command: str = "tsmux")
     return options
 
 
-class CheckOptions(Options):
-    """C{tsmux check}: the daemon's own options, checked without starting anything."""
+def _check(arguments: list[str]) -> int:
+    from ._check import main as checkMain
 
-    synopsis = "Usage: tsmux check [--config FILE | the daemon's options]"
-    longdesc = (
-        "Check a configuration without starting anything: exit 0 and a one-line summary "
-        '("3 sockets, 7 rules"), or exit 1 with every problem found.'
-    )
+    return checkMain(arguments)
 
 
-def check(arguments: list[str]) -> int:
-    """C{tsmux check}: validate the configuration; exit 0 with its summary, or 1 with every problem."""
-    options = _parse(CheckOptions(), arguments, "tsmux check")
-    try:
-        daemon = options.toDaemonConfig()
-    except ConfigError as error:
-        for line in error.errors:
-            sys.stdout.write(f"{line}\n")
-        sys.stdout.write(f"{len(error.errors)} problem{'s' * (len(error.errors) != 1)}: tsmux would not start\n")
-        return 1
-    sys.stdout.write(f"{daemon.summary()}\n")
-    return 0
+def _status(arguments: list[str]) -> int:
+    from ._commands import status
+
+    return status(arguments)
 
 
-SUBCOMMANDS = {"check": check}
+def _explain(arguments: list[str]) -> int:
+    from ._commands import explain
+
+    return explain(arguments)
+
+
+def _reload(arguments: list[str]) -> int:
+    from ._commands import reload
+
+    return reload(arguments)
+
+
+SUBCOMMANDS = {"check": _check, "status": _status, "explain": _explain, "reload": _reload}
+"""C{tsmux SUBCOMMAND ...}; C{tsmux} alone (or with options) runs the daemon."""
 
 
 if __name__ == "__main__":  # pragma: no cover

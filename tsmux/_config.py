@@ -109,7 +109,11 @@ class Config:
     allowCallers: Callers | None = None
     """Who may use this socket at all; C{None}: everyone who can open it."""
     rules: tuple[Rule, ...] | None = None
-    """The socket's rules, first match wins; C{None}: every destination (C{NAME#open})."""
+    """
+    The socket's rules, first match wins.  Empty: every destination, logged
+    as C{NAME#open} (a socket from a config file); C{None}: no rule set at
+    all (the flag form, whose lines carry no C{rule=}).
+    """
     socketMaxConnections: int | None = None
     """This socket's own cap, within the process-wide C{maxConnections}."""
     socketMaxConnectionsPerUid: int | None = None

@@ -274,8 +274,10 @@ class _Loader:
             fields.update(self.settings(table, where))
             if "rules" in table:
                 fields["rules"] = self.rules(table["rules"], where + ("rules",))
-            elif defaultRules is not None:
-                fields["rules"] = defaultRules
+            else:
+                # A socket from a file always has a rule set, empty when it has no rules: its
+                # connections are logged with rule=NAME#open, and counted per socket.
+                fields["rules"] = defaultRules if defaultRules is not None else ()
             listen = table.get("listen")
             if not isinstance(listen, str) or not listen:
                 self.error(where + ("listen",), "expected a path or an endpoint description")

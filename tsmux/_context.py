@@ -168,6 +168,11 @@ class ConnectionContext:
         config = self.config
         if protocol not in config.offer:
             return f"socket {self.name} does not offer {protocol} (it offers {', '.join(sorted(config.offer))})"
+        return self.callerRefusal(peer)
+
+    def callerRefusal(self, peer: PeerCredentials | None) -> str | None:
+        """Why C{peer} may not use this socket at all (its C{allow-callers}), or C{None}."""
+        config = self.config
         if config.allowCallers is not None and not config.allowCallers.matches(peer):
             who = f"uid {peer.uid}" if peer is not None else "an unknown caller"
             return f"{who} is not in socket {self.name}'s allow-callers"
@@ -179,16 +184,21 @@ class ConnectionContext:
         caller: the decision (logged as C{rule=}, counted per rule), or
         C{None} when the socket has no rules.
         """
+        decision = self.judge(record.peer, host, port)
+        if decision is not None:
+            record.rule = decision.label
+            self.metrics.ruleDecided(self.name, decision.label, decision.verdict.value)
+        return decision
+
+    def judge(self, peer: PeerCredentials | None, host: str, port: int) -> RuleDecision | None:
+        """The rules' decision alone, counted nowhere (for L{decide}, and for C{tsmux explain})."""
         ruleSet = self.ruleSet
         if ruleSet is None:
             return None
         netmap = self.netmap
         view = netmap.current() if netmap is not None else None
         whyNone = (netmap.whyNone() if netmap is not None else "tsmux reads no tailnet view") if view is None else ""
-        decision = ruleSet.decide(record.peer, parseTarget(host, port), view, whyNone)
-        record.rule = decision.label
-        self.metrics.ruleDecided(self.name, decision.label, decision.verdict.value)
-        return decision
+        return ruleSet.decide(peer, parseTarget(host, port), view, whyNone)
 
     def closeIdleRelays(self) -> None:
         """Close relays idle past the idle or half-close timeout, or lingering past L{tsmux._relay.LINGER}."""

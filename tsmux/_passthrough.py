@@ -49,7 +49,7 @@ class LocalAPIPassthrough(Protocol):
         refusal = self._context.policy.localAPIDialRefusal(peer)
         if refusal is not None:
             self._dialJudge, self.record.access = refusal, "dial-filter"
-        elif self._context.ruleSet is not None:
+        elif self._context.ruleSet is not None and self._context.ruleSet.count:
             # A socket with rules: every dial on it is decided by them, admins' too.
             self._dialJudge, self.record.access = self._judgeByRules, "dial-rules"
         else:

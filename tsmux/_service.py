@@ -271,7 +271,8 @@ class TsmuxService(service.Service):
         addresses = ", ".join(address for listener in self.listeners.values() for address in listener.config.listen)
         notifySystemd(f"READY=1\nSTATUS=listening on {addresses}")
         self._sweep = self._startSweeping()
-        if self.daemon.configFile is not None and self._handleSignals:
+        if self._handleSignals:
+            # With flags there is nothing to re-read, but SIGHUP must not kill the daemon either.
             self._installReloadSignal()
 
     def _logSocket(self, context: ConnectionContext, what: str) -> None:
@@ -342,9 +343,15 @@ class TsmuxService(service.Service):
 
     def _installReloadSignal(self) -> None:
         def onSignal(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self.reload)
+            self.reactor.callFromThread(self._reloadOnSignal)
 
         signal.signal(signal.SIGHUP, onSignal)
+
+    def _reloadOnSignal(self) -> None:
+        if self.daemon.configFile is None:
+            self.log.warn("SIGHUP: tsmux was started with flags, there is no config file to re-read")
+            return
+        self.reload()
 
     def reload(self) -> defer.Deferred[dict[str, Any]]:
         """
@@ -385,9 +392,14 @@ class TsmuxService(service.Service):
         """
         plan: ReloadPlan = {}
         new = {socket.name: socket for socket in daemon.sockets}
-        for name in self.listeners:
+        # Paths that the sockets going away or being re-created hold now, free by the time they are listened on.
+        freed: set[str] = set()
+        for name, listener in self.listeners.items():
             if name not in new:
                 plan[name] = ("removed", None)
+                freed.update(listener.config.listen)
+            elif not sameAddress(listener.config, new[name]):
+                freed.update(listener.config.listen)
         for name, config in new.items():
             old = self.listeners.get(name)
             if (
@@ -407,8 +419,7 @@ class TsmuxService(service.Service):
                 action = "re-created"
             if action != "updated":
                 for address in config.listen:
-                    taken = old is not None and address in old.config.listen
-                    if address.startswith("/") and not taken:
+                    if address.startswith("/") and address not in freed:
                         prepareSocketPath(address)
             plan[name] = (action, context)
         return plan
@@ -419,19 +430,24 @@ class TsmuxService(service.Service):
         shared = self.shared
         changed: dict[str, list[str]] = {"added": [], "removed": [], "re-created": [], "updated": []}
         failed: list[str] = []
+        # Stop first, so that a path handed from one socket to another is free when it is listened on.
         for name, (action, context) in plan.items():
             old = self.listeners.get(name)
-            if action == "unchanged":
-                continue
             if action in ("removed", "re-created") and old is not None:
                 await old.stopListening()
                 del self.listeners[name]
-            if action == "updated" and old is not None and context is not None:
+                if action == "removed":
+                    changed[action].append(name)
+        for name, (action, context) in plan.items():
+            old = self.listeners.get(name)
+            if action in ("unchanged", "removed") or context is None:
+                continue
+            if action == "updated" and old is not None:
                 old.context.accepting = False
                 old.context = context
                 old.factory.context = context
                 shared.contexts.append(context)
-            elif context is not None:
+            else:
                 listener = SocketListener(context)
                 try:
                     listener.listen(self.reactor)
