@@ -219,3 +219,14 @@ class FlagsAndFileTests(SynchronousTestCase):
         options.parseOptions([])
         self.assertEqual(options.socketFlagsGiven(), [])
         self.assertTrue(os.path.isabs(options.toConfig().listen[0]))
+
+
+class FlagNamesInTheFileTests(SynchronousTestCase):
+    def test_flagNamesSayWhatToWriteInstead(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as file:
+            file.write('socks-allow-uid = [0]\n[[socket]]\nlisten = "/a/x.sock"\nno-splice = true\n')
+        error = self.assertRaises(ConfigError, loadConfigFile, path)
+        text = "\n".join(error.errors)
+        self.assertIn("socks-allow-uid: unknown key (a flag; in a file: allow-callers, or rules with callers", text)
+        self.assertIn("socket[1].no-splice: unknown key (a flag; in a file: splice = false)", text)

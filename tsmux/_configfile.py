@@ -154,6 +154,15 @@ SOCKET_SETTINGS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "offer": ("offer", _offer),
     "allow-callers": ("allowCallers", _callers),
 }
+FLAG_ONLY = {
+    "socks-allow-uid": " (a flag; in a file: allow-callers, or rules with callers; see Sockets and rules)",
+    "socks-allow-gid": " (a flag; in a file: allow-callers, or rules with callers; see Sockets and rules)",
+    "admin-uid": ' (a flag; in a file: admins = ["uid:N", "user:NAME"], at the top)',
+    "admin-gid": ' (a flag; in a file: admins = ["gid:N", "group:NAME"], at the top)',
+    "no-splice": " (a flag; in a file: splice = false)",
+    "log-format": " (a process flag: give --log-format on the command line)",
+}
+"""Command-line names that are not file keys, and what to write instead."""
 SOCKET_ONLY = ("name", "listen", "max-connections", "max-connections-per-uid")
 TOP_ONLY = ("socket", "admins", "max-connections", "max-connections-per-uid", "shutdown-timeout")
 
@@ -198,7 +207,7 @@ class _Loader:
 
     def unknownKey(self, keyPath: tuple[str | int, ...], key: str, allowed: list[str]) -> None:
         near = difflib.get_close_matches(key, allowed, n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        hint = FLAG_ONLY.get(key) or (f" (did you mean {near[0]!r}?)" if near else "")
         self.error(keyPath + (key,), f"unknown key{hint}")
 
     # what

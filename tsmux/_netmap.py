@@ -315,7 +315,7 @@ class NetmapWatcher:
             self._failing = True
             self.log.warn(
                 "Cannot get tailscaled's status ({error}); rules that need the tailnet view deny connections "
-                "once the last good view is {maxAge} s old, until it answers again",
+                "once the last good view is {maxAge:g} s old, until it answers again",
                 error=self.lastError,
                 maxAge=self.maxAge,
             )

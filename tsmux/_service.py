@@ -458,9 +458,12 @@ class TsmuxService(service.Service):
                 self.listeners[name] = listener
                 shared.contexts.append(context)
             changed[action].append(name)
-        # Keep the order of the file (the first socket is where status and reload are asked).
+        # Keep the order of the file (the first socket is where status and reload are asked), then
+        # the contexts still draining.
         order = [socket.name for socket in daemon.sockets]
         self.listeners = {name: self.listeners[name] for name in order if name in self.listeners}
+        current = [listener.context for listener in self.listeners.values()]
+        shared.contexts[:] = current + [context for context in shared.contexts if context not in current]
         if (daemon.maxConnections, daemon.maxConnectionsPerUid) != (
             self.daemon.maxConnections,
             self.daemon.maxConnectionsPerUid,
