@@ -54,6 +54,8 @@ LOW_NOFILE = 4096
 SUGGESTED_NOFILE = 1048576
 """What the shipped systemd unit sets (C{LimitNOFILE=}), suggested when the limit is low."""
 MAX_STATUS_BYTES = 4 * 1024 * 1024
+TAILSCALED_DIRS = ("/var/run/tailscale", "/run/tailscale")
+"""Directories tailscaled's systemd unit creates."""
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,11 @@ def _directoryFindings(label: str, path: str) -> Finding | None:
     """The directory of C{path} as L{tsmux._listen.prepareSocketPath} sees it: a problem, or C{None}."""
     directory = os.path.dirname(path) or "/"
     if not os.path.isdir(directory):
+        tailscaleds = " (tailscaled's unit creates it: start tailscaled first)" if directory in TAILSCALED_DIRS else ""
         return _problem(
             f"{label}: directory {directory} does not exist",
-            f"create it before tsmux starts (tsmux does not), e.g. a tmpfiles.d line 'd {directory} 0755 root root' "
-            "(tailscaled's unit creates /var/run/tailscale), or listen elsewhere",
+            f"create it before tsmux starts (tsmux does not){tailscaleds}, e.g. with a tmpfiles.d line "
+            f"'d {directory} 0755 root root', or listen elsewhere",
         )
     if not os.access(directory, os.W_OK | os.X_OK):
         return _problem(
@@ -173,18 +176,23 @@ def _describedAddress(description: str) -> tuple[int, Any] | None:
     """Where a C{unix:} or C{tcp:} description would listen, to probe for a live server there."""
     kind, _, rest = description.partition(":")
     kind = kind.lower()
-    parts = rest.replace("\\:", "\0").split(":")
-    if kind == "unix" and parts and parts[0] and "=" not in parts[0]:
-        return socket.AF_UNIX, parts[0].replace("\0", ":")
-    if kind in ("tcp", "tcp6") and parts and parts[0].isdigit() and int(parts[0]) != 0:
-        options = {key: value for key, _, value in (part.partition("=") for part in parts[1:])}
-        interface = options.get("interface", "").replace("\0", ":")
+    parts = [part.replace("\0", ":") for part in rest.replace("\\:", "\0").split(":")]
+    positional = [part for part in parts if "=" not in part]
+    options = {key: value for key, _, value in (part.partition("=") for part in parts if "=" in part)}
+    if kind == "unix":
+        address = options.get("address") or (positional[0] if positional else "")
+        return (socket.AF_UNIX, address) if address.startswith("/") else None
+    if kind in ("tcp", "tcp6"):
+        port = options.get("port") or (positional[0] if positional else "")
+        if not port.isdigit() or int(port) == 0:
+            return None
+        interface = options.get("interface", "")
         if interface in ("", "0.0.0.0"):
             interface = "::1" if kind == "tcp6" else "127.0.0.1"
         elif interface == "::":
             interface = "::1"
         family = socket.AF_INET6 if ":" in interface else socket.AF_INET
-        return family, (interface, int(parts[0]))
+        return family, (interface, int(port))
     return None
 
 
@@ -378,7 +386,7 @@ def checkLocalAPI(path: str) -> Finding:
     return _ok(f"tailscaled at {path} answers: version {version}, BackendState {state}")
 
 
-def _ancestors(path: str) -> list[str]:
+def ancestors(path: str) -> list[str]:
     """The directories above C{path}, from C{/} down."""
     directories = []
     directory = os.path.dirname(path)
@@ -413,7 +421,7 @@ def checkOpenToOthers(path: str, ncDialer: bool) -> Finding | None:
     mode = stat.S_IMODE(info.st_mode)
     if not mode & stat.S_IWOTH:
         return _ok(f"tailscaled's socket {path} is closed to others (mode {mode:04o})")
-    for directory in _ancestors(real):
+    for directory in ancestors(real):
         try:
             dirMode = stat.S_IMODE(os.stat(directory).st_mode)
         except OSError as error:
@@ -432,10 +440,10 @@ def checkOpenToOthers(path: str, ncDialer: bool) -> Finding | None:
         f"tailscaled's socket {path} is open to the same users as tsmux and more (mode {mode:04o}, and every "
         "directory up to / may be entered by others): anyone can talk to tailscaled directly and skip tsmux's "
         "allow-lists, rules and --socks-auth (its dial endpoint checks nothing)",
-        "put tailscaled's socket in a directory only root may enter, as docs/deployments.rst "
-        '("tailscaled\'s own socket", the drop-in deployment) recommends: a tmpfiles.d line '
-        "'d /run/tailscale-real 0700 root root', tailscaled --socket=/run/tailscale-real/tailscaled.sock, and "
-        f"tsmux's localapi pointing there (tsmux, as root, still reaches it){alternatives}",
+        "put it in a directory only root may enter, as the drop-in deployment does (docs: Deployments, "
+        "\"tailscaled's own socket\"): a tmpfiles.d line 'd /run/tailscale-real 0700 root root', "
+        "tailscaled --socket=/run/tailscale-real/tailscaled.sock and tsmux's localapi there (tsmux, as root, "
+        f"still reaches it){alternatives}",
     )
 
 
@@ -507,9 +515,10 @@ def processFindings(daemon: DaemonConfig) -> Iterable[Finding]:
 
 def findings(daemon: DaemonConfig) -> Iterable[Finding]:
     """Every finding about C{daemon}'s host, in the order printed."""
+    # This process first: whether what follows holds for the daemon depends on who runs the check.
+    yield from processFindings(daemon)
     yield from socketFindings(daemon)
     yield from tailscaledFindings(daemon)
-    yield from processFindings(daemon)
 
 
 def _configFix(line: str, path: str | None) -> str:
@@ -547,6 +556,6 @@ def main(arguments: list[str]) -> int:
         out.write(f"{_plural(problems, 'problem')}: tsmux would not start\n")
         return 1
     if warnings and options["strict"]:
-        out.write(f"{_plural(warnings, 'warning')}: --strict makes them fail\n")
+        out.write(f"{_plural(warnings, 'warning')} (--strict: exit 1)\n")
         return 1
     return 0
