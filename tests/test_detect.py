@@ -63,7 +63,7 @@ class DetectTests(SynchronousTestCase):
         self.assertEqual(decided(b"\x00\xff\x10").description, "bytes 00 ff 10")
 
     @given(st.binary(max_size=64), st.lists(st.integers(0, 64), max_size=8))
-    @settings(max_examples=400)
+    @settings(max_examples=400, deadline=None)
     def test_anySplitGivesTheWholeVerdict(self, data: bytes, cuts: list[int]) -> None:
         """However the bytes are cut, the verdict is the one for all of them (or still none)."""
         whole = detect(data)

@@ -111,7 +111,7 @@ class RequestFramerTests(SynchronousTestCase):
         self.assertEqual(sum(isinstance(e, End) for e in events), 4)
 
     @given(st.lists(st.sampled_from([GET, POST, CHUNKED]), min_size=1, max_size=5), st.lists(st.integers(0, 600)))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None)
     def test_anySplitSameRequestsSameBytes(self, messages: list[bytes], cuts: list[int]) -> None:
         stream = b"".join(messages)
         self.assertEqual(summarize(frame(stream, cuts)), summarize(frame(stream, [])))
@@ -141,7 +141,7 @@ class RequestFramerTests(SynchronousTestCase):
         self.assertRaises(HTTPParseError, frame, b"GET / HTTP/1.1\r\nX: " + b"a" * 70000, [])
 
     @given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None)
     def test_anyBytesFrameOrFailCleanly(self, data: bytes, cuts: list[int]) -> None:
         try:
             frame(data, cuts)

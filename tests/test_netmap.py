@@ -130,7 +130,7 @@ class NetmapViewTests(SynchronousTestCase):
         for status in notObjects:
             self.assertRaises(ValueError, NetmapView.fromStatus, status, 0.0)
 
-    @settings(max_examples=200)
+    @settings(max_examples=200, deadline=None)
     @given(
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.floats() | st.text(),
@@ -144,7 +144,7 @@ class NetmapViewTests(SynchronousTestCase):
         except ValueError:
             self.assertNotIsInstance(status, dict)
 
-    @settings(max_examples=200)
+    @settings(max_examples=200, deadline=None)
     @given(
         st.dictionaries(
             st.sampled_from(["Self", "Peer", "User", "Other"]),

@@ -16,10 +16,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from tsmux._configfile import loadConfigFile
 from tsmux._service import TsmuxService
 
-from ._fakes import CallerTransport, capturedEvents
+from ._fakes import CallerTransport, TestCaseMixinBase, capturedEvents
 
 
-class ReloadTests(SynchronousTestCase):
+class ReloadMixin(TestCaseMixinBase):
     def setUp(self) -> None:
         self.directory = os.path.abspath(self.mktemp())
         os.makedirs(self.directory)
@@ -51,6 +51,8 @@ class ReloadTests(SynchronousTestCase):
     def listening(self) -> list[str]:
         return sorted(os.path.basename(path) for path, *_ in self.reactor.unixServers)
 
+
+class ReloadTests(ReloadMixin, SynchronousTestCase):
     def test_addRemoveRecreateUpdate(self) -> None:
         self.write(self.sock("keep"), self.sock("gone"), self.sock("mode"), self.sock("rules"))
         service = self.start()
@@ -144,3 +146,32 @@ def _direct() -> Any:
     from tsmux._config import DialerSpec
 
     return DialerSpec("direct")
+
+
+class ReloadsTakeTurnsTests(ReloadMixin, SynchronousTestCase):
+    def test_twoReloadsAtOnceTakeTurns(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        self.write(self.sock("a"), self.sock("b"))
+        service = self.start()
+        stopping: Deferred[None] = Deferred()
+        listener = service.listeners["a"]
+        realStop = listener.stopListening
+
+        def slowStop() -> Deferred[None]:
+            realStop()
+            return stopping
+
+        listener.stopListening = slowStop  # type: ignore[method-assign]
+        self.write(self.sock("b"))
+        results: list[dict[str, Any]] = []
+        service.reload().addCallback(results.append)
+        service.reload().addCallback(results.append)
+        self.assertEqual(results, [])
+        stopping.callback(None)
+        # The second ran after the first had applied everything (its result may be delivered first).
+        self.assertEqual(
+            sorted(r["summary"] for r in results),
+            ["1 socket, 0 rules; nothing changed", "1 socket, 0 rules; removed a"],
+        )
+        self.assertEqual(list(service.listeners), ["b"])

@@ -156,12 +156,17 @@ class RuleDecisionTests(SocketMixin, SynchronousTestCase):
             "db-1",
             "db-1.example.ts.net",
             "DB-1.example.ts.net.",
-            "database",
             "100.64.0.5",
             "::ffff:100.64.0.5",
         ):
             self.socks(ROOT, host, 443)
-        self.assertEqual(len(self.dialer.dials), 6)
+        self.assertEqual(len(self.dialer.dials), 5)
+
+    def test_hostNameIsNoTieForAnAllowRule(self) -> None:
+        """A node's host name is resolved by DNS, not by tailscaled's map: only deny rules take it."""
+        self.socks(ROOT, "database", 443)
+        self.assertEqual(self.dialer.dials, [])
+        self.assertEqual(self.lines()[0]["rule"], "web#2")
 
     def test_callersNarrowARule(self) -> None:
         transport = self.socks(NOBODY, "db-1", 443)

@@ -180,7 +180,7 @@ class ServerCodecTests(SynchronousTestCase):
         self.assertIsInstance(events[1], Close)
 
     @given(hosts, ports, st.binary(max_size=16), st.lists(st.integers(0, 300), max_size=10))
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None)
     def test_everySplitGivesTheSameEvents(self, host: str, port: int, extra: bytes, cuts: list[int]) -> None:
         data = b"\x05\x02\x00\x01" + buildRequest(host, port) + extra
         events = feedInPieces(SOCKS5ServerCodec(), data, cuts)
@@ -193,7 +193,7 @@ class ServerCodecTests(SynchronousTestCase):
         self.assertTrue(extra.startswith(connects[0].buffered))
 
     @given(st.binary(max_size=80), st.lists(st.integers(0, 80), max_size=10))
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None)
     def test_anyBytesNeverRaise(self, data: bytes, cuts: list[int]) -> None:
         """Hostile input yields events or silence, never an exception; a Close is final."""
         codec = SOCKS5ServerCodec()
@@ -350,7 +350,7 @@ class ClientCodecTests(SynchronousTestCase):
         st.binary(max_size=16),
         st.lists(st.integers(0, 600), max_size=10),
     )
-    @settings(max_examples=300)
+    @settings(max_examples=300, deadline=None)
     def test_everySplitGivesTheSameEvents(
         self,
         host: str,
@@ -382,7 +382,7 @@ class ClientCodecTests(SynchronousTestCase):
         self.assertEqual(codec.state, "done")
 
     @given(credentialPairs, st.binary(max_size=80), st.lists(st.integers(0, 80), max_size=10))
-    @settings(max_examples=500)
+    @settings(max_examples=500, deadline=None)
     def test_anyBytesNeverRaise(self, credentials: tuple[bytes, bytes] | None, data: bytes, cuts: list[int]) -> None:
         """Hostile answers yield events or silence, never an exception; an outcome is last and final."""
         codec = SOCKS5ClientCodec("peer", 22, credentials)
@@ -433,7 +433,7 @@ class RoundTripTests(SynchronousTestCase):
         return outcomeOf(self, clientEvents), requests, closed
 
     @given(hosts, ports, credentialPairs, hosts, ports, st.sampled_from(list(Reply)))
-    @settings(max_examples=200)
+    @settings(max_examples=200, deadline=None)
     def test_connect(
         self,
         host: str,

@@ -121,22 +121,40 @@ class NetmapView:
     @ivar fetchedAt: when the answer arrived (the watcher's clock).
     """
 
-    __slots__ = ("peers", "fetchedAt", "_byIP", "_byName")
+    __slots__ = ("peers", "fetchedAt", "_byIP", "_byName", "_byDialName")
 
-    def __init__(self, peers: Iterable[Peer], fetchedAt: float) -> None:
+    def __init__(self, peers: Iterable[Peer], fetchedAt: float, magicDNSSuffix: str = "") -> None:
+        """
+        @param magicDNSSuffix: the tailnet's MagicDNS suffix (C{Status.MagicDNSSuffix}):
+            a node's name without it is a name tailscaled itself resolves to
+            that node.  Unknown (C{""}): every node's first label counts.
+        """
         self.peers = tuple(peers)
         self.fetchedAt = fetchedAt
+        suffix = "." + magicDNSSuffix.lower().strip(".") if magicDNSSuffix.strip(".") else ""
         byIP: dict[IPAddress, list[Peer]] = {}
         byName: dict[str, list[Peer]] = {}
+        byDialName: dict[str, list[Peer]] = {}
         for peer in self.peers:
             for address in peer.addresses:
                 byIP.setdefault(normalIP(address), []).append(peer)
-            keys = {peer.name, peer.name.split(".", 1)[0], peer.hostName}
-            keys.discard("")
-            for key in keys:
-                byName.setdefault(key, []).append(peer)
+            firstLabel = peer.name.split(".", 1)[0]
+            # What tailscaled's own dial resolves to this node (its DNS map: the MagicDNS name, and
+            # that name without the tailnet's suffix); HostName is the owner's to choose, and
+            # tailscaled sends it to the system's resolver like any other name.
+            if not suffix:
+                dialNames = {peer.name, firstLabel}
+            elif peer.name.endswith(suffix):
+                dialNames = {peer.name, peer.name[: -len(suffix)]}
+            else:
+                dialNames = {peer.name}
+            for key, index in ((dialNames | {firstLabel, peer.hostName}, byName), (dialNames, byDialName)):
+                key.discard("")
+                for name in key:
+                    index.setdefault(name, []).append(peer)
         self._byIP = {address: tuple(found) for address, found in byIP.items()}
         self._byName = {name: tuple(found) for name, found in byName.items()}
+        self._byDialName = {name: tuple(found) for name, found in byDialName.items()}
 
     @classmethod
     def fromStatus(cls, status: Mapping[str, Any], fetchedAt: float) -> NetmapView:
@@ -167,21 +185,31 @@ class NetmapView:
                 peer = _peerFrom(entry, logins, isSelf=False)
                 if peer is not None:
                     peers.append(peer)
-        return cls(peers, fetchedAt)
+        suffix = status.get("MagicDNSSuffix")
+        if not isinstance(suffix, str) or not suffix:
+            tailnet = status.get("CurrentTailnet")
+            suffix = tailnet.get("MagicDNSSuffix") if isinstance(tailnet, Mapping) else None
+        return cls(peers, fetchedAt, suffix if isinstance(suffix, str) else "")
 
     def peersForIP(self, ip: IPAddress) -> tuple[Peer, ...]:
         """The nodes holding C{ip} (an IPv4-mapped IPv6 address counts as its IPv4 address)."""
         return self._byIP.get(normalIP(ip), ())
 
-    def peersForName(self, name: str) -> tuple[Peer, ...]:
+    def peersForName(self, name: str, dialable: bool = False) -> tuple[Peer, ...]:
         """
         The nodes C{name} is tied to: it is a node's full MagicDNS name, its
         first label, or its host name.  A short name can be several nodes'.
+
+        @param dialable: only the nodes tailscaled's own dial would reach by
+            this name (its MagicDNS name, with or without the tailnet's
+            suffix): what an allow rule may trust.  A host name is chosen by
+            the node's owner and resolved by DNS, so it ties a target for
+            deny rules only.
         """
         key = name.lower()
         if key.endswith("."):
             key = key[:-1]
-        return self._byName.get(key, ())
+        return (self._byDialName if dialable else self._byName).get(key, ())
 
 
 class _StatusSource(Protocol):

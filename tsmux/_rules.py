@@ -278,13 +278,17 @@ def parseTarget(host: str, port: int) -> Target:
     return Target(name, port)
 
 
-def tiedPeers(target: Target, view: NetmapView | None) -> tuple[Peer, ...] | None:
-    """The nodes C{target} designates in C{view}; C{None} without a view."""
+def tiedPeers(target: Target, view: NetmapView | None, dialable: bool = False) -> tuple[Peer, ...] | None:
+    """
+    The nodes C{target} designates in C{view}; C{None} without a view.
+    C{dialable}: for a name, only the nodes tailscaled's dial reaches by it
+    (see L{NetmapView.peersForName}).
+    """
     if view is None:
         return None
     if target.ip is not None:
         return view.peersForIP(target.ip)
-    return view.peersForName(target.host)
+    return view.peersForName(target.host, dialable)
 
 
 # Destinations
@@ -435,7 +439,7 @@ class Destination:
             return False
         matched = self.matchesTarget(target)
         if matched is None:
-            return self.matchesPeers(tiedPeers(target, view), allow)
+            return self.matchesPeers(tiedPeers(target, view, dialable=allow), allow)
         return matched
 
 
@@ -687,8 +691,9 @@ class RuleSet:
             peers = tiedPeers(target, view)
             return self._open if not peers else RuleDecision(Verdict.ALLOW, self._open.label, self._open.reason, peers)
         port = target.port
-        tied: tuple[Peer, ...] | None = None
-        tiedKnown = False
+        # The nodes the target is tied to, looked up once each: an allow rule trusts only the
+        # names tailscaled's dial resolves to a node; a deny rule takes every tie (host names too).
+        ties: dict[bool, tuple[Peer, ...] | None] = {}
         for rule, label in zip(self.rules, self._labels, strict=True):
             if not rule.callers.matches(peer):
                 continue
@@ -698,23 +703,27 @@ class RuleSet:
                     continue
                 matched = destination.matchesTarget(target)
                 if matched is None:
-                    if not tiedKnown:
-                        tied, tiedKnown = tiedPeers(target, view), True
-                    matched = destination.matchesPeers(tied, rule.allow)
+                    if rule.allow not in ties:
+                        ties[rule.allow] = tiedPeers(target, view, dialable=rule.allow)
+                    matched = destination.matchesPeers(ties[rule.allow], rule.allow)
                     if matched is None:
                         unknown = True
                         continue
                 if matched:
-                    if not tiedKnown:
-                        tied = tiedPeers(target, view)
                     verdict = Verdict.ALLOW if rule.allow else Verdict.DENY
-                    return RuleDecision(verdict, label, f"rule {label} {rule.verbs} {destination.text}", tied or ())
+                    reason = f"rule {label} {rule.verbs} {destination.text}"
+                    return RuleDecision(verdict, label, reason, self._shown(ties, target, view))
             if unknown:
                 reason = f"rule {label} needs the tailnet view, which is missing"
                 return RuleDecision(Verdict.NO_NETMAP, label, f"{reason}: {whyNoView}" if whyNoView else reason)
-        if not tiedKnown:
-            tied = tiedPeers(target, view)
-        return RuleDecision(Verdict.DENY, self._endLabel, self._endReason, tied or ())
+        return RuleDecision(Verdict.DENY, self._endLabel, self._endReason, self._shown(ties, target, view))
+
+    @staticmethod
+    def _shown(ties: dict[bool, tuple[Peer, ...] | None], target: Target, view: NetmapView | None) -> tuple[Peer, ...]:
+        """The nodes a decision names (for C{tsmux explain}): every tie."""
+        if False not in ties:
+            ties[False] = tiedPeers(target, view)
+        return ties[False] or ()
 
 
 def parseRuleSet(socket: str, tables: Any) -> RuleSet:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._auth import Credentials, readUpstreamCredentials
-from ._config import Config, DaemonConfig, Options
+from ._config import NETMAP_MAX_AGE, Config, DaemonConfig, Options
 from ._configfile import ConfigError, loadConfigFile
 from ._context import ConnectionContext, SharedState
 from ._dialers import DirectDialer, LocalAPIDialer, SOCKS5Dialer
@@ -138,6 +138,7 @@ class TsmuxService(service.Service):
         self._sweep: LoopingCall | None = None
         self._cutNow = False
         self._fileLimits = (0, 0)
+        self._reloading = defer.DeferredLock()
 
     # compatibility with one socket: its context, dialer, access
 
@@ -177,7 +178,9 @@ class TsmuxService(service.Service):
         watcher = self.netmaps.get(config.localapi)
         if watcher is None:
             client = LocalAPIClient(self.reactor, config.localapi, timeout=config.dialTimeout)
-            watcher = NetmapWatcher(self.reactor, statusFetcher(client), interval=self.daemon.netmapRefresh)
+            watcher = NetmapWatcher(
+                self.reactor, statusFetcher(client), interval=self.daemon.netmapRefresh, maxAge=NETMAP_MAX_AGE
+            )
             self.netmaps[config.localapi] = watcher
             if self._started:
                 watcher.start()
@@ -364,7 +367,8 @@ class TsmuxService(service.Service):
 
         @return: what happened, as C{/tsmux/v0/reload} answers it.
         """
-        return defer.ensureDeferred(self._reload())
+        # One at a time: a SIGHUP and a /tsmux/v0/reload arriving together must not interleave.
+        return self._reloading.run(lambda: defer.ensureDeferred(self._reload()))
 
     async def _reload(self) -> dict[str, Any]:
         path = self.daemon.configFile
@@ -435,7 +439,7 @@ class TsmuxService(service.Service):
             old = self.listeners.get(name)
             if action in ("removed", "re-created") and old is not None:
                 await old.stopListening()
-                del self.listeners[name]
+                self.listeners.pop(name, None)
                 if action == "removed":
                     changed[action].append(name)
         for name, (action, context) in plan.items():
