@@ -435,7 +435,7 @@ class TsmuxService(service.Service):
         changed: dict[str, list[str]] = {"added": [], "removed": [], "re-created": [], "updated": []}
         failed: list[str] = []
         # Stop first, so that a path handed from one socket to another is free when it is listened on.
-        for name, (action, context) in plan.items():
+        for name, (action, _) in plan.items():
             old = self.listeners.get(name)
             if action in ("removed", "re-created") and old is not None:
                 await old.stopListening()
