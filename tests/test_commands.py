@@ -95,6 +95,12 @@ class CommandsAgainstARealTsmuxTests(IntegrationTestMixin, TestCase):
 
     def test_status(self) -> None:
         tsmux = self.startWithConfig()
+        waitUntil(
+            lambda: json.loads(runTsmux("status", "--socket", self.web, "--json").stdout)["sockets"][0]["tailnetView"][
+                "fresh"
+            ],
+            what="tsmux's first read of tailscaled's status",
+        )
         held, reply = socksConnect(self.web, "127.0.0.1", self.tailnet.httpPort)
         self.addCleanup(held.close)
         self.assertEqual(reply, 0)
@@ -106,6 +112,8 @@ class CommandsAgainstARealTsmuxTests(IntegrationTestMixin, TestCase):
         self.assertIn(f"tailscaled's LocalAPI at {self.tailnet.localapi}: reachable", text)
         self.assertIn(f"web    {self.web}: 2 open (socks5 1, tsmux-api 1); 2 rules; offers http-connect, socks5", text)
         self.assertIn("admin  ", text)
+        # web's rules need the tailnet view (an address rule), read from the real tailscaled.
+        self.assertRegex(text, r"web .*; tailnet view [0-9.]+ s old, [0-9]+ nodes")
         self.assertIn("busiest callers: uid 0 (root) 2", text)
         self.assertIn(f"busiest destinations: 127.0.0.1:{self.tailnet.httpPort} 1", text)
         asJSON = runTsmux("status", "--socket", self.web, "--json")

@@ -164,6 +164,7 @@ def status(context: ConnectionContext) -> dict[str, Any]:
                 "openConnections": 0,
                 "openByProtocol": {},
                 "accepting": False,
+                "tailnetView": _viewState(each),
             },
         )
         entry["accepting"] = entry["accepting"] or each.accepting
@@ -195,6 +196,17 @@ def status(context: ConnectionContext) -> dict[str, Any]:
         "limits": context.limits.asDict(),
         "relays": sum(len(each.relays) for each in contexts),
     }
+
+
+def _viewState(context: ConnectionContext) -> dict[str, Any] | None:
+    """Whether the socket's rules have a tailnet view to decide with; C{None}: they need none."""
+    netmap = context.netmap
+    if netmap is None:
+        return None
+    view = netmap.current()
+    if view is None:
+        return {"fresh": False, "why": netmap.whyNone()}
+    return {"fresh": True, "ageSeconds": round(context.reactor.seconds() - view.fetchedAt, 1), "nodes": len(view.peers)}
 
 
 def _one(query: dict[str, list[str]], name: str) -> str:

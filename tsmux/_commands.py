@@ -204,6 +204,13 @@ def summary(status: dict[str, Any]) -> str:
         byProtocol = entry.get("openByProtocol") or {}
         detail = f" ({_counts(byProtocol)})" if byProtocol else ""
         state = "" if entry.get("accepting", True) else "; draining (removed by a reload)"
+        view = entry.get("tailnetView")
+        if view is not None:
+            state += "; tailnet view " + (
+                f"{view.get('ageSeconds', 0):g} s old, {view.get('nodes', 0)} nodes"
+                if view.get("fresh")
+                else f"MISSING ({view.get('why', '?')}): rules that need it deny"
+            )
         lines.append(
             f"  {entry['name']:<{width}}  {', '.join(entry.get('listening', []))}: {open} open{detail}; {rulesText}; "
             f"offers {', '.join(entry.get('offers', []))}{state}"
