@@ -18,6 +18,14 @@ from twisted.python.failure import Failure
 from ._socks5 import Reply
 
 
+class WayOutFailed(error.ConnectionLost):
+    """
+    The way out itself reports that it failed (a C{tailscale nc} that
+    exited with an error status): an error however the relay's directions
+    ended, unlike a hang-up seen while closing.
+    """
+
+
 class DialError(Exception):
     """A dial failed.  C{reply} is the SOCKS5 reply code that says so best."""
 

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ._ascaller import Identity, openPathDescriptor, spawnProcessAs
-from ._errors import DialError, dialErrorFromLocalAPI, failureReason
+from ._errors import DialError, WayOutFailed, dialErrorFromLocalAPI, failureReason
 from ._interfaces import IDialer, IUpstream
 from ._localapi import LocalAPIAccess, LocalAPIClient
 from ._peercred import PeerCredentials
@@ -196,7 +196,7 @@ class NcProcess(ProcessProtocol):
         else:
             signal = getattr(reason.value, "signal", None)
             how = f"exited with status {code}" if code is not None else f"was killed (signal {signal})"
-            loss = Failure(error.ConnectionLost(f"tailscale nc {how}: {stderr[-200:]}"))
+            loss = Failure(WayOutFailed(f"tailscale nc {how}: {stderr[-200:]}"))
         if self._owner is None:
             self._heldLoss = loss
         else:

@@ -27,6 +27,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from ._errors import WayOutFailed
 from ._interfaces import IStreamTransport, IUpstream
 from ._splice import SpliceRelay, canSplice
 from ._twistedprivate import sendNow
@@ -251,8 +252,9 @@ class Relay:
         end.lost = True
         bothDone = self.client.readDone and self.upstream.readDone
         # Once both directions ended, a hang-up seen while closing (epoll reports it
-        # as a non-clean loss) is the normal end, not an error.
-        if self.failure is None and not bothDone and not reason.check(ConnectionDone):
+        # as a non-clean loss) is the normal end, not an error; a way out that says it
+        # failed is one whenever it says so.
+        if self.failure is None and not reason.check(ConnectionDone) and (not bothDone or reason.check(WayOutFailed)):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
             # Flush what the peer is owed, but not forever: a peer that stopped
