@@ -17,6 +17,9 @@ Modules:
       or limits), the reference for what tsmux's own work costs over Twisted's.
     - C{gorelay.go}: contender (h), the Go relay users deploy instead of tsmux (a Unix socket copied to
       tailscaled's TCP SOCKS5), built at run time with Debian's golang-go into the run's work directory.
+    - L{tests.bench._rulesfile}: contender (r)'s config file, (a)'s socket with 50 rules of which only the
+      last lets the targets through (the cost of a rule decision per connection is r - a); run as
+      C{python -m tests.bench._rulesfile}, it times that decision in-process.
     - L{tests.bench._report}: medians, ratios against the issue's targets, the markdown tables.
 
 Nothing here is named ``test_*``: neither pytest nor trial collects the benchmark.

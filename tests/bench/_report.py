@@ -8,12 +8,16 @@ background load) and the table gives the median of those per-round ratios, with 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
+
+from tests.bench._rulesfile import RULE_COUNT, SOCKET_NAME
 
 GIB = 1024**3
 
 LABELS = {
     "a": "(a) tsmux, LocalAPI dialer",
+    "r": f"(r) tsmux as (a), {RULE_COUNT} rules (the last matches)",
     "b": "(b) tsmux, direct dialer",
     "g": "(g) tsmux, socks5: dialer → (c)",
     "i": "(i) bare Twisted relay, LocalAPI dialer",
@@ -34,6 +38,7 @@ HTTP_LABELS = {
 # Whose CPU a contender's relay costs (see Bench.cpuPids).
 RELAY_CPU = {
     "a": "tsmux_a",
+    "r": "tsmux_r",
     "b": "tsmux_b",
     "g": "tsmux_g",
     "i": "bare_i",
@@ -136,6 +141,8 @@ def infoSpecs(uids: list[int]) -> list[tuple[str, Side, Side]]:
         ("Connections/s (b)/(c)", ("b", "conn_s"), ("c", "conn_s")),
         ("Connections/s (h)/(c)", ("h", "conn_s"), ("c", "conn_s")),
         ("Connections/s (a)/(d)", ("a", "conn_s"), ("d", "conn_s")),
+        (f"Connections/s (r) {RULE_COUNT} rules / (a)", ("r", "conn_s"), ("a", "conn_s")),
+        (f"Bulk download (r) {RULE_COUNT} rules / (a)", ("r", "download"), ("a", "download")),
         ("p50 connection latency (a)/(c)", ("a", "p50_ms"), ("c", "p50_ms")),
         ("p99 connection latency (a)/(c)", ("a", "p99_ms"), ("c", "p99_ms")),
         ("Bulk download (a)/(e)", ("a", "download"), ("e", "download")),
@@ -275,7 +282,82 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
         values = ratios(num, den)
         if values:
             info.append({"name": name, "per_round": values, "median": _median(values)})
-    return {"per_round": metrics, "medians": medians, "targets": targets, "info_ratios": info}
+    return {
+        "per_round": metrics,
+        "medians": medians,
+        "targets": targets,
+        "info_ratios": info,
+        "rule_cost": ruleCost(metrics, medians, uids, ratios),
+    }
+
+
+def ruleCost(
+    metrics: dict[str, dict[str, list[float | None]]],
+    medians: dict[str, dict[str, float | None]],
+    uids: list[int],
+    ratios: Callable[[Side, Side], list[float]],
+) -> list[dict[str, Any]]:
+    """
+    The cost of a decision by (r)'s 50 rules, per connection: tsmux's CPU per connection in (r) minus
+    in (a), per round (both ran in the same round, seconds apart), and its median and range; r/a the same
+    way; with the medians of (r) and (a) themselves. One entry per client uid that has both.
+    """
+    cost = []
+    for uid in [None, *uids]:
+        sfx, _ = _who(uid)
+        r = metrics.get("r" + sfx, {}).get(CPU_CONN, [])
+        a = metrics.get("a" + sfx, {}).get(CPU_CONN, [])
+        differences = [x - y for x, y in zip(r, a, strict=False) if x is not None and y is not None]
+        if not differences:
+            continue
+        ratio = ratios(("r" + sfx, CPU_CONN), ("a" + sfx, CPU_CONN))
+        cost.append(
+            {
+                "uid": 0 if uid is None else uid,
+                "rules": RULE_COUNT,
+                "r_us_per_conn": medians.get("r" + sfx, {}).get(CPU_CONN),
+                "a_us_per_conn": medians.get("a" + sfx, {}).get(CPU_CONN),
+                "difference_us_per_round": differences,
+                "difference_us": _median(differences),
+                "difference_min": min(differences),
+                "difference_max": max(differences),
+                "ratio_per_round": ratio,
+                "ratio": _median(ratio),
+                "ratio_min": min(ratio) if ratio else None,
+                "ratio_max": max(ratio) if ratio else None,
+            }
+        )
+    return cost
+
+
+def ruleCostLines(summary: dict[str, Any], ruleLabels: dict[str, int] | None = None) -> list[str]:
+    """
+    C{rule decision (50 rules, last one matches): +X µs CPU per connection (r/a = 1.0Y)}, for each client
+    uid, and what (r)'s own figures and the per-round ranges were.
+    """
+    out = []
+    for c in summary.get("rule_cost", []):
+        who = "" if not c["uid"] else f", client uid {c['uid']}"
+        ratio = "–" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        out.append(
+            f"rule decision ({c['rules']} rules, last one matches){who}: {c['difference_us']:+.0f} µs CPU per "
+            f"connection (r/a = {ratio})"
+        )
+        spread = (
+            ""
+            if c["ratio_min"] is None
+            else f", r/a {c['ratio_min']:.2f} – {c['ratio_max']:.2f} over {len(c['ratio_per_round'])} rounds"
+        )
+        out.append(
+            f"    tsmux CPU per connection: (r) {_fmt(c['r_us_per_conn'])} µs, (a) {_fmt(c['a_us_per_conn'])} µs "
+            f"(medians); r − a per round {c['difference_min']:+.0f} – {c['difference_max']:+.0f} µs{spread}"
+        )
+    if ruleLabels is not None:
+        last = f"{SOCKET_NAME}#{RULE_COUNT}"
+        others = {label: n for label, n in ruleLabels.items() if label != last}
+        if others:
+            out.append(f"**(r)'s connections were not all decided by {last}**: {ruleLabels}")
+    return out
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:
@@ -337,7 +419,7 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
     if tsmuxFrom and record.get("git", {}).get("root") not in (None, tsmuxFrom):
         out.append(f"tsmux run from {tsmuxFrom}, not the working tree.")
     for what, why in p.get("skipped", {}).items():
-        out.append(f"Skipped {'(h)' if what == 'h' else what}: {why}")
+        out.append(f"Skipped {f'({what})' if what in LABELS else what}: {why}")
     if record.get("failure"):
         out.append(f"**The run stopped early: {record['failure']}**")
     out.append("")
@@ -475,6 +557,10 @@ def markdown(record: dict[str, Any], summary: dict[str, Any]) -> str:
         rows,
         "lrrrrr",
     )
+    costLines = ruleCostLines(summary, record.get("contenders", {}).get("r", {}).get("rule_labels"))
+    if costLines:
+        out.append("")
+        out += costLines
     return "\n".join(out)
 
 

@@ -8,6 +8,9 @@ C{--socks5-server=127.0.0.1:PORT}), then, inside that namespace through nsenter,
 
     - (a) tsmux, C{--dialer localapi}, on a Unix socket; run in the host namespace: it reaches
       tailscaled only through the LocalAPI socket, as in production;
+    - (r) the same tsmux, started with C{--config FILE} instead of the flags: one socket like (a)'s with
+      50 rules, of which only the last allows the targets (L{tests.bench._rulesfile}): C{r - a} is the cost
+      of deciding with 50 rules, per connection;
     - (b) tsmux, C{--dialer direct}; run inside the namespace (nsenter), so its direct dials reach
       the targets on the namespace's loopback; its Unix socket is reachable from anywhere;
     - (c) tailscaled's own SOCKS5 on 127.0.0.1:PORT inside the namespace;
@@ -49,6 +52,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import signal
@@ -62,21 +66,22 @@ from typing import IO, Any
 
 from tests._tailnet import REPO_ROOT, PrivateTailnet, tailnetUnavailableReason
 from tests._tailscale_binaries import TAILSCALE_VERSION, defaultCacheDir, fetchTailscaleBinaries, tailscaledVersion
-from tests.bench import _report
+from tests.bench import _report, _rulesfile
 
 MIB = 1024 * 1024
-CONTENDERS = ("a", "b", "g", "i", "i-cu", "i-direct", "h", "c", "d", "e", "f")
+CONTENDERS = ("a", "r", "b", "g", "i", "i-cu", "i-direct", "h", "c", "d", "e", "f")
 WORKLOADS = ("bulk", "rate", "held", "http")
 HELD_CONTENDERS = ("a", "b", "i", "c", "d")
 HTTP_PATHS = ("tailscaled", "a", "socat")
 # Run again with the client as a non-root uid: those the targets compare, and (c) for reference.
-OTHER_UID_RATE_CONTENDERS = ("a", "b", "i", "i-direct", "c")
+OTHER_UID_RATE_CONTENDERS = ("a", "r", "b", "i", "i-direct", "c")
 # The bare Twisted relays (contender i): key -> (dialer, how the upstream is connected, inside the namespace).
 BARE = {
     "i": ("localapi", "adopt", False),
     "i-cu": ("localapi", "twisted", False),
     "i-direct": ("direct", "adopt", True),
 }
+_RULE_FIELD = re.compile(r" rule=(\S+)")
 GO_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gorelay.go")
 
 
@@ -439,6 +444,12 @@ class Bench:
         self.bare: dict[str, tuple[Child, str]] = {}
         self.socatLocalAPIAs: dict[int, tuple[Child, str]] = {}
         self.go: tuple[Child, str] | None = None
+        self.tsmuxR: tuple[Child, str] | None = None
+        self.rulesConfig: str | None = None
+        self.rulesLogOffset = 0
+        """Where (r)'s log is at its first connections with a tailnet view (earlier ones may fail closed)."""
+        # Contenders that could not start ((r) with a tsmux that has no --config): key -> why.
+        self.skipped: dict[str, str] = {}
 
     # --- processes ---------------------------------------------------------------------------------
 
@@ -459,6 +470,13 @@ class Bench:
         self.tsmuxA = self.startTsmux("tsmux-a", "localapi", inNamespace=False)
         self.tsmuxB = self.startTsmux("tsmux-b", "direct", inNamespace=True)
         self.tsmuxG = self.startTsmux("tsmux-g", f"socks5:tcp:127.0.0.1:{self.tailnet.socks5Port}", inNamespace=True)
+        if "r" in self.options.contenders:
+            try:
+                self.tsmuxR = self.startTsmuxRules("tsmux-r")
+            except RuntimeError as e:
+                why = " | ".join(line.strip() for line in str(e).splitlines() if line.strip())
+                self.skipped["r"] = f"tsmux with {_rulesfile.RULE_COUNT} rules did not start: {why}"
+                print(f"bench: skipping contender (r): {self.skipped['r']}", file=sys.stderr, flush=True)
         for key in BARE:
             self.bare[key] = self.startBare(key, f"bare-{key}")
         if self.goRelay is not None:
@@ -511,6 +529,14 @@ class Bench:
             self.contenders[key] = {"proto": "socks", "connect": f"unix:{path}", "command": child.argv}
         if self.go is not None:
             self.contenders["h"] = {"proto": "socks", "connect": f"unix:{self.go[1]}", "command": self.go[0].argv}
+        if self.tsmuxR is not None:
+            self.contenders["r"] = {
+                "proto": "socks",
+                "connect": f"unix:{self.tsmuxR[1]}",
+                "command": self.tsmuxR[0].argv,
+                "rules": _rulesfile.RULE_COUNT,
+                "config_text": self.rulesConfig,
+            }
         for key, contender in self.contenders.items():
             contender["label"] = _report.LABELS[key]
         self.httpPaths = {
@@ -550,6 +576,58 @@ class Bench:
         child = self.startChild(name, [*self.nsenter, *argv] if inNamespace else argv, tsmux=True)
         child.waitForSocket(path)
         return child, path
+
+    def startTsmuxRules(self, name: str) -> tuple[Child, str]:
+        """
+        Contender (r): tsmux as (a) (LocalAPI dialer, host namespace, same mode), from a config file whose
+        one socket has 50 rules, only the last allowing the targets. C{--config} takes no socket flag:
+        C{--no-splice} in C{--tsmux-args} becomes C{splice = false}, the rest is passed as it is.
+        """
+        path = os.path.join(self.workdir, f"{name}.sock")
+        configPath = os.path.join(self.workdir, f"{name}.toml")
+        extra = [arg for arg in self.options.tsmux_args if arg != "--no-splice"]
+        ports = [int(target.rpartition(":")[2]) for target in (self.echoTarget, self.bulkTarget)]
+        text = _rulesfile.configText(
+            path, self.tailnet.localapi, self.mode, ports, splice="--no-splice" not in self.options.tsmux_args
+        )
+        with open(configPath, "w") as f:
+            f.write(text)
+        # The benchmark's own tsmux reads the file as the daemon will: the last rule must decide every target.
+        try:
+            problem = _rulesfile.checkLastRuleDecides(configPath, ports, [0, *self.otherUids])
+        except Exception as e:  # the working tree's tsmux cannot read it: neither will the one under test
+            raise RuntimeError(f"{configPath}: {type(e).__name__}: {e}") from e
+        if problem is not None:
+            raise RuntimeError(f"{configPath}: {problem}")
+        self.rulesConfig = text
+        argv = [sys.executable, "-m", "tsmux", "--config", configPath, *extra]
+        child = self.startChild(name, argv, tsmux=True)
+        try:
+            child.waitForSocket(path)
+        except RuntimeError:
+            self.stopChild(child)
+            raise
+        return child, path
+
+    def ruleLabels(self, offset: int = 0) -> dict[str, int]:
+        """
+        How many of (r)'s connections each rule decided, from its log lines (C{rule=r#50}) from byte
+        C{offset} of its log on.
+        """
+        if self.tsmuxR is None:
+            return {}
+        counts: dict[str, int] = {}
+        try:
+            with open(self.tsmuxR[0].logPath, "rb") as raw:
+                raw.seek(offset)
+                text = raw.read().decode("utf-8", errors="replace")
+            for line in text.splitlines():
+                found = _RULE_FIELD.search(line)
+                if found:
+                    counts[found[1]] = counts.get(found[1], 0) + 1
+        except OSError:
+            pass
+        return counts
 
     def startBare(self, key: str, name: str) -> tuple[Child, str]:
         """A bare Twisted relay (contender i and its variants), by its key in L{BARE}."""
@@ -611,6 +689,8 @@ class Bench:
             pids[f"bare_{key}"] = (child.pid, False)
         if self.go is not None:
             pids["gorelay"] = (self.go[0].pid, False)
+        if self.tsmuxR is not None:
+            pids["tsmux_r"] = (self.tsmuxR[0].pid, False)
         if self.tailnet.tailscaledPid is not None:
             pids["tailscaled"] = (self.tailnet.tailscaledPid, False)
         return pids
@@ -743,6 +823,8 @@ class Bench:
 
     def warmup(self) -> None:
         """One small pass of everything, not recorded: imports, caches, tailscaled's first dials."""
+        if "r" in self.selected:
+            self.rulesReady()
         for key in self.selected:
             if "bulk" in self.options.workloads:
                 args = ["bulk", *self.contenderArgs(key, self.bulkTarget), "--direction", "down"]
@@ -761,6 +843,30 @@ class Bench:
                 result = self.load(self.httpArgs(50, uid), 120, uid)
                 if "error" in result:
                     raise RuntimeError(f"warm-up of the LocalAPI passthrough as uid {uid} failed: {result['error']}")
+
+    def rulesReady(self, timeout: float = 20.0) -> None:
+        """
+        (r) allows the targets only once it has a tailnet view (before that, its tag and login rules fail
+        closed): wait until a few connections all go through, and check that rule 50 decided them.
+        """
+        assert self.tsmuxR is not None
+        logPath = self.tsmuxR[0].logPath
+        deadline = time.monotonic() + timeout
+        while True:
+            self.rulesLogOffset = os.path.getsize(logPath)
+            result = self.load(["rate", *self.contenderArgs("r", self.echoTarget), "--count", "20"], 60)
+            if "error" not in result and not result.get("errors"):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"(r) refuses the target after {timeout:g} s: {_report.brief('rate', result)}\n"
+                    f"{self.tsmuxR[0].logTail()}"
+                )
+            time.sleep(0.5)
+        labels = self.ruleLabels(self.rulesLogOffset)
+        last = f"{_rulesfile.SOCKET_NAME}#{_rulesfile.RULE_COUNT}"
+        if set(labels) - {last} or not labels:
+            raise RuntimeError(f"(r)'s connections should all be decided by {last}, its log says {labels}")
 
     def runRounds(self) -> None:
         options = self.options
@@ -882,7 +988,7 @@ def parseOptions(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--client-uid",
         default="65534",
-        help="also run the connection-rate workload (for (a), (b), (i), (i-direct), (c)) and the LocalAPI "
+        help="also run the connection-rate workload (for (a), (r), (b), (i), (i-direct), (c)) and the LocalAPI "
         "passthrough with the client as these uids (comma-separated; 'none' for root only) [default: 65534]",
     )
     parser.add_argument(
@@ -1027,6 +1133,7 @@ def main(argv: Sequence[str]) -> int:
     failure: BaseException | None = None
     try:
         bench.start()
+        skipped.update(bench.skipped)
         record["contenders"] = bench.contenders
         bench.runRounds()
         if pyspy is not None:
@@ -1036,6 +1143,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"bench: stopped early: {type(e).__name__}: {e}", file=sys.stderr)
     finally:
         bench.stop()
+    if "r" in record.get("contenders", {}):
+        # Which rule decided (r)'s connections, from its log: every one should be the last.
+        record["contenders"]["r"]["rule_labels"] = bench.ruleLabels(bench.rulesLogOffset)
     record["measurements"] = bench.measurements
     record["machine"]["loadavg_after_each_round"] = bench.roundLoad
     record["finished"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
