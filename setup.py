@@ -16,7 +16,7 @@ setup(
     long_description=longDescription,
     long_description_content_type="text/markdown",
     license="MIT",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # twisted/plugins is a namespace directory: no __init__.py may ship there,
     # or Twisted's own package would be overwritten.
     packages=find_packages(exclude=["tests", "tests.*"]) + ["twisted.plugins"],
@@ -28,9 +28,12 @@ setup(
     extras_require={
         # HTTPS through tsmux.client.agent needs Twisted's TLS extras.
         "tls": ["twisted[tls]"],
-        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "twisted[tls]"],
+        # build: tests/test_packaging.py builds the sdist and the wheel with it.
+        "test": ["pytest>=8", "pytest-twisted>=1.14", "hypothesis>=6.100", "twisted[tls]", "build>=1.0"],
         "lint": ["ruff>=0.6"],
-        "docs": ["sphinx>=7"],
+        # docutils 0.22 breaks the man page's cross-references with Sphinx 9.0 (sphinx-doc/sphinx#14427:
+        # "Security model <>"); 0.21 renders them as text.
+        "docs": ["sphinx>=7", "docutils<0.22"],
     },
     entry_points={"console_scripts": ["tsmux = tsmux._cli:main"]},
     classifiers=[

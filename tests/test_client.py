@@ -14,16 +14,18 @@ import time
 from typing import Any
 
 import treq
+from OpenSSL import SSL
 from twisted.internet import defer, error
 from twisted.internet.address import HostnameAddress
 from twisted.internet.endpoints import clientFromString, connectProtocol
 from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
+    IOpenSSLContextFactory,
     IStreamClientEndpoint,
     IStreamClientEndpointStringParserWithReactor,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
-from twisted.internet.ssl import Certificate, PrivateCertificate, optionsForClientTLS
+from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.protocols.policies import WrappingFactory
@@ -553,6 +555,24 @@ def selfSignedCertificate(hostname: str) -> tuple[bytes, bytes]:
     return certificate.public_bytes(serialization.Encoding.PEM), keyPEM
 
 
+@implementer(IOpenSSLContextFactory)
+class ServerTLS:
+    """
+    The test target's side of TLS: a pyOpenSSL context that reads the certificate and key from PEM files, so
+    that no pyOpenSSL C{X509} or C{PKey} object is made (pyOpenSSL deprecates passing them to a context, and
+    Twisted's C{PrivateCertificate.options()} passes exactly those).
+    """
+
+    def __init__(self, certificateFile: str, keyFile: str) -> None:
+        self._context = SSL.Context(SSL.TLS_METHOD)
+        self._context.use_certificate_chain_file(certificateFile)
+        self._context.use_privatekey_file(keyFile)
+        self._context.check_privatekey()
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+
 @implementer(IPolicyForHTTPS)
 class TrustOnly:
     """Verifies the target against one certificate instead of the system's roots."""
@@ -660,11 +680,15 @@ class AgentOnRealSocketsTests(TestCase):
         site = Site(Hello())
         site.noisy = False
         site.log = lambda request: None  # type: ignore[method-assign]
-        options = PrivateCertificate.loadPEM(certificatePEM + keyPEM).options()
+        certificateFile, keyFile = self.mktemp(), self.mktemp()
+        with open(certificateFile, "wb") as f:
+            f.write(certificatePEM)
+        with open(keyFile, "wb") as f:
+            f.write(keyPEM)
         # Wrapped: a Site offers ALPN, which Twisted before 26 sets on the shared server context
         # per connection, and pyOpenSSL 26.2 and later refuse that (the lowest-versions run). The
         # target's TLS is this test's fixture; tsmux's client side offers no ALPN.
-        port = reactor.listenSSL(0, WrappingFactory(site), options, interface="127.0.0.1")
+        port = reactor.listenSSL(0, WrappingFactory(site), ServerTLS(certificateFile, keyFile), interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         return port.getHost().port, certificatePEM
 
