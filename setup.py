@@ -1,8 +1,29 @@
 """tsmux: SOCKS5 and tailscaled's LocalAPI on one Unix socket."""
 
+import os
 import re
 
 from setuptools import find_packages, setup
+from setuptools.command.sdist import sdist
+
+
+class CompleteSdist(sdist):
+    """
+    An sdist that carries what the tests, the docs and CI need (tests/, docs/, .ci/, tox.ini,
+    LICENSE): the project keeps no MANIFEST.in at the top.
+    """
+
+    def make_distribution(self) -> None:
+        # setuptools takes the file list from egg_info's manifest; add to it just before the archive is made.
+        for top in ("tests", "docs", ".ci"):
+            for directory, subdirectories, names in os.walk(top):
+                subdirectories[:] = [d for d in subdirectories if d not in ("_build", "__pycache__", ".hypothesis")]
+                self.filelist.extend(os.path.join(directory, name) for name in names if not name.endswith(".pyc"))
+        self.filelist.extend(name for name in ("tox.ini", "LICENSE", ".gitignore") if os.path.exists(name))
+        self.filelist.sort()
+        self.filelist.remove_duplicates()
+        super().make_distribution()
+
 
 with open("README.md", encoding="utf-8") as readme:
     longDescription = readme.read()
@@ -36,6 +57,7 @@ setup(
         "docs": ["sphinx>=7", "docutils<0.22"],
     },
     entry_points={"console_scripts": ["tsmux = tsmux._cli:main"]},
+    cmdclass={"sdist": CompleteSdist},
     classifiers=[
         "Framework :: Twisted",
         "Operating System :: POSIX :: Linux",
