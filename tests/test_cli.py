@@ -57,11 +57,11 @@ class CommandLineTests(SynchronousTestCase):
 
     def test_badOptions(self) -> None:
         for argv, needle in (
-            (["--dialer", "carrier-pigeon"], "--dialer must be one of localapi, direct"),
-            (["--mode", "999"], "octal"),
-            (["--detect-timeout", "-1"], "positive"),
-            (["--frobnicate"], "frobnicate"),
-            (["--localapi", "relative.sock"], "absolute path"),
+            (["--dialer", "carrier-pigeon"], "--dialer: expected localapi, direct, socks5:ENDPOINT, nc or nc:CLI"),
+            (["--mode", "999"], "--mode: expected an octal mode"),
+            (["--detect-timeout", "-1"], "--detect-timeout: expected a positive number of seconds, got '-1'"),
+            (["--frobnicate"], "unknown option --frobnicate"),
+            (["--localapi", "relative.sock"], "--localapi: expected an absolute path, got 'relative.sock'"),
         ):
             self.assertOneLineError(run([*tsmuxCommand(), *argv]), 2, needle)
 

@@ -98,7 +98,19 @@ def _reload(arguments: list[str]) -> int:
     return reload(arguments)
 
 
-SUBCOMMANDS = {"check": _check, "status": _status, "explain": _explain, "reload": _reload}
+def _completion(arguments: list[str]) -> int:
+    from ._completion import main as completionMain
+
+    return completionMain(arguments)
+
+
+SUBCOMMANDS = {
+    "check": _check,
+    "status": _status,
+    "explain": _explain,
+    "reload": _reload,
+    "completion": _completion,
+}
 """C{tsmux SUBCOMMAND ...}; C{tsmux} alone (or with options) runs the daemon."""
 
 

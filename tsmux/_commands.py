@@ -31,6 +31,19 @@ class _DaemonOptions(usage.Options):
         ["socket", "s", None, f"The path of a socket of the running tsmux [default: {DEFAULT_LISTEN}]."],
         ["config", "c", None, "The config file of the running tsmux: its first socket (a path) is asked."],
     ]
+    compData = usage.Completions(
+        optActions={
+            "socket": usage.CompleteFiles(descr="a socket of the running tsmux"),
+            "config": usage.CompleteFiles(),
+        }
+    )
+
+    def opt_version(self) -> None:
+        """Print tsmux's version and exit."""
+        from ._version import __version__
+
+        print(f"tsmux {__version__}")
+        raise SystemExit(0)
 
     def socketPath(self) -> str:
         if self["socket"] is not None and self["config"] is not None:
@@ -90,6 +103,14 @@ class ExplainOptions(_DaemonOptions):
         ["caller", None, None, "Who connects: uid:N or user:NAME."],
         ["to", None, None, "Where to: HOST:PORT ([IPv6]:PORT)."],
     ]
+    compData = usage.Completions(
+        optActions={
+            "socket": usage.CompleteFiles(descr="a socket of the running tsmux"),
+            "config": usage.CompleteFiles(),
+            "caller": usage.Completer(descr="uid:N or user:NAME"),
+            "to": usage.Completer(descr="HOST:PORT"),
+        }
+    )
 
     def postOptions(self) -> None:
         for name in ("caller", "to"):
@@ -227,7 +248,11 @@ def _run(options: _DaemonOptions, arguments: list[str], command: str, body: Any)
     try:
         options.parseOptions(arguments)
     except usage.UsageError as error:
-        sys.stderr.write(f"tsmux {command}: {error}\nTry 'tsmux {command} --help' for the options.\n")
+        from ._help import usageErrorText
+
+        sys.stderr.write(
+            f"tsmux {command}: {usageErrorText(options, error)}\nTry 'tsmux {command} --help' for the options.\n"
+        )
         return 2
     try:
         return int(body(options, options.socketPath()))

@@ -8,7 +8,10 @@ connection.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -162,13 +165,17 @@ class DaemonConfig:
         return f"{count} socket{'s' if count != 1 else ''}, {rules} rule{'s' if rules != 1 else ''}"
 
 
+YEAR = 86400 * 365
+"""Seconds options are below this."""
+
+
 def _octalMode(text: str) -> int:
     try:
         mode = int(text, 8)
     except ValueError:
-        raise ValueError(f"--mode wants an octal mode like 0660, not {text!r}") from None
+        mode = -1
     if not 0 <= mode <= 0o777:
-        raise ValueError(f"--mode {text} is out of range (0000 to 0777)")
+        raise ValueError(f"expected an octal mode from 0000 to 0777 (like 0660), got {text!r}")
     return mode
 
 
@@ -176,9 +183,11 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"wants a number of seconds, not {text!r}") from None
-    if not 0 < value < 86400 * 365:
-        raise ValueError(f"wants a positive number of seconds, not {text!r}")
+        value = 0.0
+    if not 0 < value:  # also NaN
+        raise ValueError(f"expected a positive number of seconds, got {text!r}")
+    if not value < YEAR:
+        raise ValueError(f"expected a number of seconds below one year ({YEAR}), got {text!r}")
     return value
 
 
@@ -188,7 +197,7 @@ def _uid(text: str) -> int:
     try:
         return pwd.getpwnam(text).pw_uid
     except KeyError:
-        raise usage.UsageError(f"no such user: {text!r}") from None
+        raise ValueError(f"expected a user name or uid, got {text!r} (no such user)") from None
 
 
 def _gid(text: str) -> int:
@@ -197,175 +206,210 @@ def _gid(text: str) -> int:
     try:
         return grp.getgrnam(text).gr_gid
     except KeyError:
-        raise usage.UsageError(f"no such group: {text!r}") from None
+        raise ValueError(f"expected a group name or gid, got {text!r} (no such group)") from None
 
 
 def _count(text: str) -> int:
     if not (text.isascii() and text.isdigit()) or int(text) < 1:
-        raise ValueError(f"wants a positive whole number, not {text!r}")
+        raise ValueError(f"expected a positive whole number, got {text!r}")
     return int(text)
 
 
-class Options(usage.Options):
-    """The command line, for both C{tsmux} and C{twistd -n tsmux}."""
+def _dialer(text: str) -> DialerSpec:
+    try:
+        return DialerSpec.parse(text)
+    except ValueError:
+        choices = ", ".join(DIALERS[:-1]) + " or " + DIALERS[-1]
+        raise ValueError(f"expected {choices}, got {text!r}") from None
 
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def choose(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"expected {', '.join(choices[:-1])} or {choices[-1]}, got {text!r}")
+        return text
+
+    return choose
+
+
+def _absolutePath(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"expected an absolute path, got {text!r}")
+    return text
+
+
+def _listenAddress(text: str) -> str:
+    """C{--listen}: an absolute path or an endpoint description; a relative path is neither."""
+    if text.startswith("/") or ":" in text:
+        return text
+    if not text:
+        raise ValueError("expected an absolute path or an endpoint description, got ''")
+    absolute = os.path.abspath(os.path.expanduser(text))
+    raise ValueError(f"expected an absolute path, got the relative path {text!r} (use {absolute})")
+
+
+def _given(name: str, coerce: Callable[[str], Any], text: str) -> Any:
+    """C{coerce(text)}, or a usage error naming the option: C{--NAME: expected FORM, got 'TEXT'}."""
+    try:
+        return coerce(text)
+    except ValueError as error:
+        raise usage.UsageError(f"--{name}: {error}") from None
+
+
+_COERCIONS: dict[str, Callable[[str], Any]] = {
+    "mode": _octalMode,
+    "group": _gid,
+    "backlog": _count,
+    "localapi": _absolutePath,
+    "dialer": _dialer,
+    "dial-self": _choice(*DIAL_SELF_POLICIES),
+    "detect-timeout": _seconds,
+    "handshake-timeout": _seconds,
+    "dial-timeout": _seconds,
+    "idle-timeout": _seconds,
+    "half-close-timeout": _seconds,
+    "shutdown-timeout": _seconds,
+    "operator-refresh": _seconds,
+    "max-connections": _count,
+    "max-connections-per-uid": _count,
+    "log-format": _choice("text", "json"),
+}
+"""
+How each C{optParameters} value is checked and converted, in L{Options.postOptions}.  usage.Options'
+own coercion would wrap every message in "Parameter type enforcement failed"; defaults are kept as a
+user would type them (so --help shows "0660") and go through the same conversion.
+"""
+
+
+class Options(usage.Options):
+    """
+    The command line, for both C{tsmux} and C{twistd -n tsmux}.  C{--help} is
+    grouped (L{tsmux._help}); a bad option is a one-line L{usage.UsageError}
+    naming the option and the form it expects (C{tsmux} reports it, and under
+    twistd L{parseOptions} reports it itself: twistd would print every option
+    first).
+    """
+
+    compData: usage.Completions
+    """Shell completion for each option (set below the class: it reads the options)."""
     synopsis = "Usage: tsmux [options]"
-    longdesc = (
-        "tsmux serves SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket, so that "
-        "file permissions and the caller's own uid decide who may use Tailscale's proxy. A "
-        "connection whose first byte is 0x05 gets a SOCKS5 server whose CONNECTs leave through "
-        "--dialer; CONNECT requests are dialed the same way; other HTTP goes byte for byte to "
-        "tailscaled's LocalAPI (--localapi) on a connection tsmux makes as the caller, so tailscaled "
-        "grants each caller exactly its own rights. Anything else is refused and logged."
-    )
+    """The daemon's; a subcommand's options class (C{tsmux check}) sets its own, and gets no examples."""
+    longdesc = "tsmux serves SOCKS5, HTTP CONNECT and tailscaled's LocalAPI on one Unix socket."
     optFlags = [
         [
             "no-splice",
             None,
-            "Relay in Python instead of with splice(2) in the kernel (the fast path is used when both "
-            "sides are plain sockets, and never for a LocalAPI connection whose dials are filtered).",
+            "Relay in Python only. By default a relay moves to splice(2) after 256 KiB one way, when "
+            "both sides are plain sockets.",
         ],
     ]
     optParameters = [
         [
+            "config",
+            "c",
+            None,
+            "Sockets from a TOML file instead of the flags. Each socket has its own offer, callers and "
+            "rules (docs: Sockets and rules); SIGHUP re-reads the file. Not combined with the flags that "
+            "describe a socket; --log-format still applies.",
+        ],
+        [
             "mode",
             None,
             "0660",
-            "Permissions (octal) of sockets given as a path. The socket never "
-            "exists with a wider mode, not even briefly.",
-            _octalMode,
+            "Permissions (octal) of sockets given as a path. A socket never exists with a wider mode, not "
+            "even briefly.",
+        ],
+        [
+            "group",
+            None,
+            None,
+            "Group (name or gid) of sockets given as a path. With --mode 0660, its members may connect.",
+        ],
+        ["backlog", None, None, "Accept queue length."],
+        [
+            "dialer",
+            None,
+            "localapi",
+            "How SOCKS5 and HTTP CONNECT dials leave. localapi: through tailscaled, as the caller "
+            "(MagicDNS works); direct: TCP from this host, for use without tailscaled; socks5:ENDPOINT: "
+            "an upstream SOCKS5 server as a Twisted client endpoint (socks5:tcp:127.0.0.1:1080); nc or "
+            "nc:CLI: a 'tailscale nc' process per connection.",
         ],
         [
             "localapi",
             None,
             DEFAULT_LOCALAPI,
-            "tailscaled's LocalAPI socket: HTTP is passed to it, and the localapi dialer dials through it.",
-        ],
-        [
-            "dialer",
-            None,
-            "localapi",
-            "How SOCKS5 and HTTP CONNECT dials leave: 'localapi' through tailscaled (names resolved by "
-            "tailscaled, MagicDNS works); 'direct' (TCP from this host, as tsmux's user; for use without "
-            "tailscaled); or 'socks5:ENDPOINT', chained to an upstream SOCKS5 server given as a Twisted "
-            "client endpoint (socks5:tcp:127.0.0.1:1080 for tailscaled's --socks5-server, "
-            "socks5:unix:/path), names passed on unresolved; or 'nc' / 'nc:CLI', a 'tailscale nc' process "
-            "per connection (CLI defaults to tailscale on PATH).",
+            "tailscaled's LocalAPI socket. Other HTTP is passed to it on a connection made as the caller, "
+            "and the localapi dialer dials through it.",
         ],
         [
             "dial-self",
             None,
             "refuse",
-            "When tailscaled (>= 1.98) answers a dial with Dial-Self (the "
-            "target is not on the tailnet): 'refuse' (SOCKS5 reply 02) or 'direct' (dial the address "
-            "tailscaled gives from this host, on a socket created with the caller's ids, so owner-match "
-            "firewall rules see the caller).",
+            "When tailscaled says Dial-Self (not a tailnet target; 1.98 or later): refuse, or direct "
+            "(dial it from this host, on a socket owned by the caller).",
         ],
-        ["detect-timeout", None, "15", "Seconds a new connection has to show its protocol.", _seconds],
+        [
+            "upstream-auth",
+            None,
+            None,
+            "File with one user:password line. The socks5: dialer presents it upstream.",
+        ],
+        [
+            "socks-auth",
+            None,
+            None,
+            "File of user:password lines. SOCKS5 and HTTP CONNECT clients must then authenticate, and "
+            "non-admins' LocalAPI dials are refused; repeated wrong passwords from one uid are slowed "
+            "down. Refused if others may read it or anyone but its owner may write it.",
+        ],
+        [
+            "max-connections",
+            None,
+            None,
+            "Most client connections open at once, handshakes included. More are closed at accept and "
+            "logged once per burst; an eighth is kept for uid 0.",
+        ],
+        ["max-connections-per-uid", None, None, "Most connections one uid may hold at once."],
+        ["detect-timeout", None, "15", "Seconds a new connection has to show its protocol."],
         [
             "handshake-timeout",
             None,
             "30",
-            "Seconds a client has, once its protocol is known, for its SOCKS5 negotiation and request, "
-            "its CONNECT request, or its /tsmux/ request.",
-            _seconds,
+            "Seconds a client has, once its protocol is known, for its SOCKS5 negotiation and request, its "
+            "CONNECT request or its /tsmux/ request.",
         ],
         [
             "dial-timeout",
             None,
             str(DEFAULT_DIAL_TIMEOUT).removesuffix(".0"),
             "Seconds a dial (and a LocalAPI connect) may take.",
-            _seconds,
         ],
-        [
-            "group",
-            None,
-            None,
-            "Group (name or gid) of sockets given as a path; with --mode 0660 that group is who may connect.",
-        ],
-        [
-            "max-connections",
-            None,
-            None,
-            "Most client connections open at once, handshakes included; more are closed at accept, "
-            "logged once per burst [default: what the descriptor limit carries, ~1 per 6 descriptors; tsmux "
-            "raises its soft RLIMIT_NOFILE to the hard limit at start]. An eighth is kept for uid 0.",
-            _count,
-        ],
-        [
-            "max-connections-per-uid",
-            None,
-            None,
-            "Most connections one uid may hold at once [default: half of --max-connections].",
-            _count,
-        ],
-        [
-            "idle-timeout",
-            None,
-            None,
-            "Close a relay after this many seconds with no bytes either way [default: never].",
-            _seconds,
-        ],
+        ["idle-timeout", None, None, "Close a relay after this many seconds with no bytes either way."],
         [
             "half-close-timeout",
             None,
             "300",
-            "Close a relay when one direction has ended and no byte moved "
-            "for this many seconds (a client that sent EOF and left is otherwise only noticed when the target "
-            "speaks).",
-            _seconds,
+            "Close a relay when one direction has ended and no byte moved for this many seconds.",
         ],
         [
             "shutdown-timeout",
             None,
             "30",
-            "On SIGTERM/SIGINT, seconds open connections get to finish before they are cut.",
-            _seconds,
-        ],
-        [
-            "operator-refresh",
-            None,
-            None,
-            "Obsolete and ignored: tsmux connects to tailscaled as each caller, and tailscaled applies "
-            "its own operator rules.",
-            _seconds,
-        ],
-        [
-            "socks-auth",
-            None,
-            None,
-            "File of user:password lines: SOCKS5 clients must then authenticate (RFC 1929), and HTTP "
-            "CONNECT clients send Proxy-Authorization: Basic; non-admins' LocalAPI dials are then refused "
-            "(they cannot carry a password). Repeated wrong passwords from one uid slow its answers down. "
-            "Refused if others may read it or anyone but its owner may write it.",
-        ],
-        [
-            "upstream-auth",
-            None,
-            None,
-            "File with one user:password line that the socks5: dialer presents upstream.",
-        ],
-        [
-            "config",
-            "c",
-            None,
-            "A TOML file describing any number of sockets, each with its own offer, callers and rules "
-            "in tailnet terms (docs: Sockets and rules). SIGHUP re-reads it. Not combined with flags "
-            "that describe a socket; --log-format still applies.",
+            "Seconds open connections get to finish on SIGTERM or SIGINT before they are cut.",
         ],
         [
             "log-format",
             None,
             "text",
-            "text or json (one JSON object per line), for the tsmux command. Under twistd, "
-            "use twistd's --logger=tsmux.jsonLogObserver instead.",
+            "text, or json (one JSON object per line). Under twistd it has no effect: use twistd's "
+            "--logger=tsmux.jsonLogObserver.",
         ],
         [
-            "backlog",
+            "operator-refresh",
             None,
             None,
-            "Accept queue length [default: the kernel's maximum, /proc/sys/net/core/somaxconn].",
-            _count,
+            "Obsolete and ignored. tailscaled applies its own operator rules to each caller.",
         ],
     ]
 
@@ -375,64 +419,76 @@ class Options(usage.Options):
         for name in ("socks-allow-uid", "socks-allow-gid", "admin-uid", "admin-gid"):
             self[name] = set()
 
+    def opt_listen(self, address: str) -> None:
+        """Where to listen; may repeat: a Unix socket's absolute path (tsmux manages the file), systemd:domain=UNIX:name=NAME or a Twisted endpoint (tcp:1080:interface=127.0.0.1)."""  # noqa: E501 - usage.Options reads the docstring
+        self["listen"].append(_given("listen", _listenAddress, address))
+
     def opt_socks_allow_uid(self, user: str) -> None:
-        """Only this user (uid or name) may dial: SOCKS5, HTTP CONNECT and the LocalAPI's dial; may repeat. With neither this nor --socks-allow-gid, anyone who can open the socket may. Others are refused before any password is asked."""  # noqa: E501
-        self["socks-allow-uid"].add(_uid(user))
+        """Only this user (name or uid) may dial, through SOCKS5, HTTP CONNECT or the LocalAPI's dial; may repeat. Others are refused before any password is asked."""  # noqa: E501
+        self["socks-allow-uid"].add(_given("socks-allow-uid", _uid, user))
 
     def opt_socks_allow_gid(self, group: str) -> None:
-        """Members of this group (gid or name; primary or supplementary) may dial; may repeat."""
-        self["socks-allow-gid"].add(_gid(group))
+        """Members of this group (name or gid; primary or supplementary) may dial; may repeat."""
+        self["socks-allow-gid"].add(_given("socks-allow-gid", _gid, group))
 
     def opt_admin_uid(self, user: str) -> None:
-        """This user (uid or name) is one of tsmux's admins, like uid 0 and tsmux's own uid: it may use tsmux's /tsmux/ API (status, metrics) and, with --socks-auth, the LocalAPI's dial. LocalAPI rights are tailscaled's to give, not tsmux's; may repeat."""  # noqa: E501
-        self["admin-uid"].add(_uid(user))
+        """This user (name or uid) is one of tsmux's admins: it may use tsmux's /tsmux/ API (status, metrics, reload) and, with --socks-auth, the LocalAPI's dial; may repeat. LocalAPI rights stay tailscaled's to give."""  # noqa: E501
+        self["admin-uid"].add(_given("admin-uid", _uid, user))
 
     def opt_admin_gid(self, group: str) -> None:
-        """Members of this group (gid or name) are tsmux's admins; may repeat."""
-        self["admin-gid"].add(_gid(group))
+        """Members of this group (name or gid) are tsmux's admins; may repeat."""
+        self["admin-gid"].add(_given("admin-gid", _gid, group))
 
-    def opt_listen(self, address: str) -> None:
-        """Where to listen; may repeat. An absolute path is a Unix socket tsmux manages (--mode, stale sockets replaced, removed on exit). systemd:domain=UNIX:name=NAME (or index=N) adopts a socket systemd passed, keeping its mode and path. Anything else is a Twisted endpoint description (unix:/path, tcp:1080:interface=127.0.0.1), used as Twisted gives it: --mode and stale-socket handling do not apply there. [default: /var/run/tailscale/tsmux.sock]"""  # noqa: E501 - usage.Options prints the docstring as is
-        if not address:
-            raise usage.UsageError("--listen wants a path or an endpoint description")
-        self["listen"].append(address)
+    def opt_help(self) -> None:
+        """Show this help and exit."""
+        sys.stdout.write(str(self) + "\n")
+        raise SystemExit(0)
+
+    opt_h = opt_help
 
     def opt_version(self) -> None:
-        """Print tsmux's version and exit."""
+        """Show tsmux's version and exit."""
         from ._version import __version__
 
         print(f"tsmux {__version__}")
         raise SystemExit(0)
 
+    def getSynopsis(self) -> str:
+        from ._help import synopsis
+
+        return synopsis(self)
+
+    def getUsage(self, width: int | None = None) -> str:
+        from ._help import usageText
+
+        return usageText(self, width)
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """
+        Parse, turning Twisted's and getopt's wording into tsmux's.  Under
+        twistd (a parent), a bad option is reported here, on stderr with
+        status 2: twistd itself would print every option before it.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            from ._help import reportUsageError, usageErrorText
+
+            message = usageErrorText(self, error)
+            if self.parent is not None:
+                reportUsageError(message, "twistd tsmux")
+            raise usage.UsageError(message) from None
+
+    def parseArgs(self, *arguments: str) -> None:
+        if arguments:
+            from ._help import unexpectedArgument
+
+            raise usage.UsageError(unexpectedArgument(self, arguments[0]))
+
     def postOptions(self) -> None:
-        # usage.Options coerces given values only; defaults are written as the
-        # user would type them (so --help shows "0660"), and coerced here.
-        coercions = (
-            ("mode", _octalMode),
-            ("detect-timeout", _seconds),
-            ("handshake-timeout", _seconds),
-            ("dial-timeout", _seconds),
-            ("shutdown-timeout", _seconds),
-            ("half-close-timeout", _seconds),
-        )
-        for name, coerce in coercions:
+        for name, coerce in _COERCIONS.items():
             if isinstance(self[name], str):
-                self[name] = coerce(self[name])
-        if isinstance(self["dialer"], str):
-            try:
-                self["dialer"] = DialerSpec.parse(self["dialer"])
-            except ValueError as error:
-                raise usage.UsageError(str(error)) from None
-        if self["dial-self"] not in DIAL_SELF_POLICIES:
-            raise usage.UsageError(
-                f"--dial-self must be one of {', '.join(DIAL_SELF_POLICIES)}, not {self['dial-self']!r}"
-            )
-        if self["log-format"] not in ("text", "json"):
-            raise usage.UsageError(f"--log-format must be text or json, not {self['log-format']!r}")
-        if self["group"] is not None and not isinstance(self["group"], int):
-            self["group"] = _gid(self["group"])
-        if not self["localapi"].startswith("/"):
-            raise usage.UsageError(f"--localapi wants an absolute path, not {self['localapi']!r}")
+                self[name] = _given(name, coerce, self[name])
         if self["config"] is not None:
             given = self.socketFlagsGiven()
             if given:
@@ -449,14 +505,14 @@ class Options(usage.Options):
                 given.append(f"--{name}")
         defaults = Options()
         for parameter in self.optParameters:
-            name = str(parameter[0])  # type: ignore[index]
+            name = str(parameter[0])
             if name in PROCESS_FLAGS:
                 continue
             default = defaults[name]
             value = self[name]
-            if isinstance(default, str) and not isinstance(value, str):
+            if isinstance(default, str) and not isinstance(value, str) and name in _COERCIONS:
                 # Defaults are kept as typed; compare what was given against the default's meaning.
-                default = _DEFAULT_MEANINGS.get(name, lambda text: text)(default)
+                default = _COERCIONS[name](default)
             if value != default:
                 given.append(f"--{name}")
         if self["no-splice"]:
@@ -507,12 +563,76 @@ class Options(usage.Options):
 
 SOCKET_LIST_FLAGS = ("listen", "socks-allow-uid", "socks-allow-gid", "admin-uid", "admin-gid")
 PROCESS_FLAGS = frozenset({"config", "log-format"})
-_DEFAULT_MEANINGS = {
-    "mode": _octalMode,
-    "detect-timeout": _seconds,
-    "handshake-timeout": _seconds,
-    "dial-timeout": _seconds,
-    "shutdown-timeout": _seconds,
-    "half-close-timeout": _seconds,
-    "dialer": DialerSpec.parse,
-}
+
+
+class _Choices(usage.CompleteList):
+    """Twisted's list of choices, with the colons of C{socks5:} escaped: C{_arguments} splits its specs at them."""
+
+    def _shellCode(self, optName: str, shellType: str) -> str:
+        code: str = super()._shellCode(optName, shellType)
+        head, _, items = code.partition(":(")
+        return head + ":(" + items.replace(":", "\\:")
+
+
+def _completions() -> usage.Completions:
+    """What shell completion offers for each option's value (zsh through Twisted, bash through L{tsmux._completion})."""
+    users = usage.CompleteUsernames()
+    groups = usage.CompleteGroups()
+    files = usage.CompleteFiles()
+    actions: dict[str, usage.Completer] = {
+        "listen": files,
+        "config": files,
+        "localapi": files,
+        "socks-auth": files,
+        "upstream-auth": files,
+        "group": groups,
+        "socks-allow-uid": users,
+        "admin-uid": users,
+        "socks-allow-gid": groups,
+        "admin-gid": groups,
+        "dialer": _Choices(["localapi", "direct", "nc", "socks5:", "nc:"]),
+        "dial-self": usage.CompleteList(list(DIAL_SELF_POLICIES)),
+        "log-format": usage.CompleteList(["text", "json"]),
+        "mode": usage.Completer(descr="octal mode"),
+    }
+    for name, coerce in _COERCIONS.items():
+        if coerce is _seconds:
+            actions[name] = usage.Completer(descr="seconds")
+        elif coerce is _count:
+            actions[name] = usage.Completer(descr="number")
+    return usage.Completions(
+        descriptions=_shortDescriptions(Options),
+        optActions=actions,
+        multiUse=list(SOCKET_LIST_FLAGS),
+    )
+
+
+def _shortDescriptions(options: type[Options]) -> dict[str, str]:
+    """Each option's first sentence: what a completion menu shows beside it."""
+    docs: dict[str, str] = {}
+    for entry in [*options.optFlags, *options.optParameters]:
+        docs[str(entry[0])] = str(entry[3] if len(entry) > 3 else entry[2])
+    for attribute in dir(options):
+        if attribute.startswith("opt_") and len(attribute) > 5:
+            docs[attribute[4:].replace("_", "-")] = getattr(options, attribute).__doc__ or ""
+    return {name: _firstSentence(" ".join(doc.split())) for name, doc in docs.items()}
+
+
+def _firstSentence(text: str, limit: int = 72) -> str:
+    """Up to the first ". " or "; " outside parentheses; if still long, up to ": ", then cut at a word."""
+    depth = 0
+    cuts: dict[str, int] = {}
+    for index, character in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(character, 0)
+        if depth == 0 and text[index : index + 2] in (". ", "; ", ": "):
+            cuts.setdefault(text[index], index)
+    end = min([cuts.get(".", len(text)), cuts.get(";", len(text))])
+    if end > limit and cuts.get(":", end) < end:
+        end = cuts[":"]
+    text = text[:end].rstrip(".")
+    if len(text) > limit:
+        text = text[: text.rfind(" ", 0, limit - 3)] + "..."
+    return text
+
+
+Options.compData = _completions()

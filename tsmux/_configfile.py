@@ -75,7 +75,7 @@ def _mode(value: Any) -> int:
     try:
         return _octalMode(value)
     except ValueError as error:
-        raise _Invalid(str(error).removeprefix("--mode ")) from None
+        raise _Invalid(str(error)) from None
 
 
 def _group(value: Any) -> int:
