@@ -184,7 +184,11 @@ class ConnectionContext:
         caller: the decision (logged as C{rule=}, counted per rule), or
         C{None} when the socket has no rules.
         """
-        decision = self.judge(record.peer, host, port)
+        ruleSet = self.ruleSet
+        if ruleSet is not None and not ruleSet.rules:
+            decision: RuleDecision | None = ruleSet.openDecision  # no target to read: every one is allowed
+        else:
+            decision = self.judge(record.peer, host, port)
         if decision is not None:
             record.rule = decision.label
             self.metrics.ruleDecided(self.name, decision.label, decision.verdict.value)

@@ -650,13 +650,17 @@ def parseRule(table: Mapping[str, Any], index: int) -> Rule:
     return Rule(index, allow, destinations, callers)
 
 
+PORT_CACHE = 4096
+"""Ports whose candidate rules a L{RuleSet} keeps."""
+
+
 class RuleSet:
     """
     A socket's rules, in order.  See the module's docstring for how a
     decision is reached.
     """
 
-    __slots__ = ("socket", "rules", "_labels", "_needsNetmap", "_open", "_endLabel", "_endReason")
+    __slots__ = ("socket", "rules", "_labels", "_needsNetmap", "_open", "_endLabel", "_endReason", "_byPort")
 
     def __init__(self, socket: str, rules: tuple[Rule, ...]) -> None:
         self.socket = socket
@@ -666,6 +670,27 @@ class RuleSet:
         self._open = RuleDecision(Verdict.ALLOW, f"{socket}#open", f"socket {socket} has no rules")
         self._endLabel = f"{socket}#end"
         self._endReason = f"no rule of socket {socket} allows it"
+        self._byPort: dict[int, tuple[tuple[Rule, str, tuple[Destination, ...]], ...]] = {}
+
+    def _forPort(self, port: int) -> tuple[tuple[Rule, str, tuple[Destination, ...]], ...]:
+        """
+        The rules that can apply to C{port}, each with its destinations
+        whose ports match, in order: a rule none of whose destinations has
+        the port never applies.  Computed once per port and kept (a few
+        ports are dialed again and again), the cache bounded.
+        """
+        found = self._byPort.get(port)
+        if found is None:
+            candidates = []
+            for rule, label in zip(self.rules, self._labels, strict=True):
+                destinations = tuple(d for d in rule.destinations if d.ports.matches(port))
+                if destinations:
+                    candidates.append((rule, label, destinations))
+            found = tuple(candidates)
+            if len(self._byPort) >= PORT_CACHE:
+                self._byPort.clear()
+            self._byPort[port] = found
+        return found
 
     @property
     def needsNetmap(self) -> bool:
@@ -675,6 +700,11 @@ class RuleSet:
     @property
     def count(self) -> int:
         return len(self.rules)
+
+    @property
+    def openDecision(self) -> RuleDecision:
+        """What a socket without rules decides, whatever the target (C{NAME#open})."""
+        return self._open
 
     def decide(
         self, peer: PeerCredentials | None, target: Target, view: NetmapView | None, whyNoView: str = ""
@@ -694,13 +724,11 @@ class RuleSet:
         # The nodes the target is tied to, looked up once each: an allow rule trusts only the
         # names tailscaled's dial resolves to a node; a deny rule takes every tie (host names too).
         ties: dict[bool, tuple[Peer, ...] | None] = {}
-        for rule, label in zip(self.rules, self._labels, strict=True):
-            if not rule.callers.matches(peer):
+        for rule, label, destinations in self._forPort(port):
+            if rule.callers is not EVERYONE and not rule.callers.matches(peer):
                 continue
             unknown = False
-            for destination in rule.destinations:
-                if not destination.ports.matches(port):
-                    continue
+            for destination in destinations:
                 matched = destination.matchesTarget(target)
                 if matched is None:
                     if rule.allow not in ties:
