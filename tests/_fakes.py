@@ -72,6 +72,17 @@ class CallerTransport(HalfCloseStringTransport):
         return self._handle
 
 
+def connectAs(factory: Any, uid: int, data: bytes = b"", groups: tuple[int, ...] = ()) -> CallerTransport:
+    """A new connection to C{factory}'s protocol from C{uid} (with C{groups}), sending C{data}."""
+    transport = CallerTransport(uid, groups=groups)
+    protocol = factory.buildProtocol(None)
+    transport.protocol = protocol
+    protocol.makeConnection(transport)
+    if data:
+        transport.protocol.dataReceived(data)
+    return transport
+
+
 def connectedUpstream() -> tuple[HeldConnection, HalfCloseStringTransport]:
     """A fresh upstream as a dialer would hand it over."""
     upstream = HeldConnection()

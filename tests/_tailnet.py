@@ -120,6 +120,27 @@ def tailnetUnavailableReason() -> str | None:
     return None
 
 
+def endHelper(process: subprocess.Popen[Any], grace: float) -> None:
+    """
+    End a namespace helper child: close its stdin (its signal to stop what it started and exit),
+    wait C{grace} seconds, then SIGTERM, then SIGKILL.
+    """
+    if process.stdin is not None:
+        try:
+            process.stdin.close()
+        except OSError:
+            pass
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def skipOrFail(reason: str) -> None:
     """
     Skip the current test with C{reason}, or fail it when integration tests are required.
@@ -261,21 +282,8 @@ class PrivateTailnet:
         process = self._process
         if process is not None:
             self._process = None
-            if process.stdin is not None:
-                try:
-                    process.stdin.close()
-                except OSError:
-                    pass
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(10)
-                except subprocess.TimeoutExpired:
-                    # tailscaled dies with it: the helper set PR_SET_PDEATHSIG=SIGKILL.
-                    process.kill()
-                    process.wait()
+            # tailscaled dies with it if it comes to SIGKILL: the helper set PR_SET_PDEATHSIG=SIGKILL.
+            endHelper(process, 15)
             if process.stdout is not None:
                 process.stdout.close()
             self.tailscaledPid = None

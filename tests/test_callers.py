@@ -26,6 +26,7 @@ from ._fakes import (
     FakeLocalAPIAccess,
     TestCaseMixinBase,
     capturedEvents,
+    connectAs,
     makeContext,
 )
 
@@ -45,13 +46,7 @@ class CallerMuxMixin(TestCaseMixinBase):
         self.events = capturedEvents(self)
 
     def connect(self, uid: int, data: bytes = b"", groups: tuple[int, ...] = ()) -> CallerTransport:
-        transport = CallerTransport(uid, groups=groups)
-        protocol = self.factory.buildProtocol(None)
-        transport.protocol = protocol
-        protocol.makeConnection(transport)
-        if data:
-            transport.protocol.dataReceived(data)
-        return transport
+        return connectAs(self.factory, uid, data, groups)
 
     def lines(self) -> list[dict]:
         return [e for e in self.events if e.get("log_namespace") == "tsmux.connection"]

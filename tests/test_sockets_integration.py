@@ -35,7 +35,7 @@ from ._fakes import TestCaseMixinBase
 from ._httpclient import buildRequest, exchange, request, scriptArgv
 from ._netns_targets import clientArgv, connectProbe, socks5Open, socks5Probe
 from ._otheruser import NOBODY, NOBODY_IDS, requireOtherUser, runPythonAs
-from ._tailnet import REPO_ROOT, integrationRequired, skipOrFail
+from ._tailnet import REPO_ROOT, endHelper, integrationRequired, skipOrFail
 from ._tsmuxprocess import CONNECTION_LINE, answers, assertCleanLog, childEnvironment, shortDir, tsmuxCommand
 from ._waiting import waitUntil
 
@@ -254,20 +254,7 @@ class NamespacedTsmux:
         """Close the helper's stdin (it stops tsmux, then itself); tsmux's exit status."""
         helper = self.helper
         if helper.poll() is None:
-            if helper.stdin is not None:
-                try:
-                    helper.stdin.close()
-                except OSError:
-                    pass
-            try:
-                helper.wait(20)
-            except subprocess.TimeoutExpired:
-                helper.send_signal(signal.SIGTERM)
-                try:
-                    helper.wait(10)
-                except subprocess.TimeoutExpired:
-                    helper.kill()  # tsmux dies with it (PR_SET_PDEATHSIG)
-                    helper.wait()
+            endHelper(helper, 20)  # tsmux dies with it if it comes to SIGKILL (PR_SET_PDEATHSIG)
         self._reader.join(5)
         if helper.stdout is not None:
             helper.stdout.close()

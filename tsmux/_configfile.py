@@ -13,7 +13,6 @@ Indexes in key paths count from 1, like rule names (C{web#1}).
 from __future__ import annotations
 
 import difflib
-import grp
 import re
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,10 +21,12 @@ from typing import Any
 
 from ._config import (
     DIAL_SELF_POLICIES,
+    DIALERS,
     OFFERS,
     Config,
     DaemonConfig,
     DialerSpec,
+    _gid,
     _octalMode,
     socketName,
 )
@@ -81,20 +82,17 @@ def _mode(value: Any) -> int:
 def _group(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    text = _text(value)
-    if text.isascii() and text.isdigit():
-        return int(text)
     try:
-        return grp.getgrnam(text).gr_gid
-    except KeyError:
-        raise _Invalid(f"no such group: {text!r}") from None
+        return _gid(_text(value))
+    except ValueError as error:
+        raise _Invalid(str(error)) from None
 
 
 def _dialer(value: Any) -> DialerSpec:
     try:
         return DialerSpec.parse(_text(value))
-    except ValueError as error:
-        raise _Invalid(str(error).replace("--dialer must", "expected to")) from None
+    except ValueError:
+        raise _Invalid(f"expected one of {', '.join(DIALERS)}, got {value!r}") from None
 
 
 def _dialSelf(value: Any) -> str:
