@@ -34,6 +34,13 @@ class NoDaemonTests(SynchronousTestCase):
                 result.stderr, f"tsmux {command}: no tsmux is listening at /nonexistent/tsmux.sock (no such socket)\n"
             )
 
+    def test_explainWithoutADaemonIsOneLine(self) -> None:
+        result = runTsmux("explain", "--socket", "/nonexistent/t.sock", "--caller", "uid:0", "--to", "db:5432")
+        self.assertEqual(result.returncode, 1, result)
+        self.assertEqual(
+            result.stderr, "tsmux explain: no tsmux is listening at /nonexistent/t.sock (no such socket)\n"
+        )
+
     def test_explainNeedsItsArguments(self) -> None:
         result = runTsmux("explain", "--socket", "/nonexistent/tsmux.sock", "--to", "a:1")
         self.assertEqual(result.returncode, 2)
