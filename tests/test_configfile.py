@@ -198,7 +198,14 @@ class FlagsAndFileTests(SynchronousTestCase):
         self.assertIsNone(daemon.configFile)
 
     def test_configWithSocketFlagsIsOneLineError(self) -> None:
-        for flags in (["--listen", "/a.sock"], ["--mode", "0600"], ["--dialer", "direct"], ["--no-splice"]):
+        for flags in (
+            ["--listen", "/a.sock"],
+            ["--mode", "0600"],
+            ["--dialer", "direct"],
+            ["--no-splice"],
+            ["--mode", "0660"],  # the default's value, given: still a socket flag
+            ["--dial-t", "10"],  # an abbreviation, as getopt takes it
+        ):
             options = Options()
             error = self.assertRaises(usage.UsageError, options.parseOptions, ["--config", "/x.toml", *flags])
             self.assertIn(flags[0], str(error))

@@ -112,7 +112,12 @@ class TsmuxAPIProtocol(Protocol):
             if not self._answered and not self.record.finished:
                 status, reason = (200, "OK") if result.get("reloaded") else (409, "Conflict")
                 body = json.dumps(result, indent=1).encode()
-                self._answer(status, reason, "application/json", body, Outcome.OK)
+                said = (
+                    f"reloaded: {result.get('summary')}"
+                    if result.get("reloaded")
+                    else f"not reloaded: {result.get('error')}"
+                )
+                self._answer(status, reason, "application/json", body, Outcome.OK, said)
 
         reload().addCallback(answered).addErrback(
             lambda failure: self._answer(
@@ -124,7 +129,10 @@ class TsmuxAPIProtocol(Protocol):
             )
         )
 
-    def _answer(self, status: int, reason: str, contentType: str, body: bytes, outcome: Outcome) -> None:
+    def _answer(
+        self, status: int, reason: str, contentType: str, body: bytes, outcome: Outcome, detail: str | None = None
+    ) -> None:
+        """Answer and close; the line's detail is C{detail}, else an error's text (without its C{tsmux:})."""
         self._answered = True
         self._deadline.cancel()
         response = (
@@ -132,7 +140,9 @@ class TsmuxAPIProtocol(Protocol):
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode("ascii") + (b"" if self._head else body)
         self.record.sent(response)
-        self.record.finish(outcome, "" if status < 300 else body.decode(errors="replace").strip(), status=status)
+        if detail is None:
+            detail = "" if status < 300 else body.decode(errors="replace").strip().removeprefix("tsmux: ")
+        self.record.finish(outcome, detail, status=status)
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -258,7 +268,7 @@ def explain(context: ConnectionContext, callerText: str, to: str) -> dict[str, A
     peer, callerSays = callerFromUserDatabase(callerText)
     target = splitAuthority(to)
     if target is None:
-        raise ValueError(f"to= wants HOST:PORT (or [IPv6]:PORT), not {to!r}")
+        raise ValueError(f"expected a destination HOST:PORT (or [IPv6]:PORT), got {to!r}")
     host, port = target
     answer: dict[str, Any] = {"socket": context.name, "caller": callerSays, "to": to}
     refusal = context.callerRefusal(peer)

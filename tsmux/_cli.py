@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     arguments = sys.argv[1:] if argv is None else list(argv)
     if arguments and arguments[0] in SUBCOMMANDS:
-        raise SystemExit(SUBCOMMANDS[arguments[0]](arguments[1:]))
+        try:
+            status = SUBCOMMANDS[arguments[0]](arguments[1:])
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # Its reader left (tsmux check | head): no traceback, and none at exit either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            status = 1
+        raise SystemExit(status)
     options = _parse(Options(), arguments)
     try:
         daemon = options.toDaemonConfig()

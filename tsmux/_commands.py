@@ -255,8 +255,16 @@ def _run(options: _DaemonOptions, arguments: list[str], command: str, body: Any)
         )
         return 2
     try:
-        return int(body(options, options.socketPath()))
-    except (CommandError, usage.UsageError) as error:
+        path = options.socketPath()
+    except usage.UsageError as error:
+        sys.stderr.write(f"tsmux {command}: {error}\nTry 'tsmux {command} --help' for the options.\n")
+        return 2
+    except CommandError as error:
+        sys.stderr.write(f"tsmux {command}: {error}\n")
+        return 1
+    try:
+        return int(body(options, path))
+    except CommandError as error:
         sys.stderr.write(f"tsmux {command}: {error}\n")
         return 1
 
@@ -290,7 +298,7 @@ def explain(arguments: list[str]) -> int:
         tied = answer.get("tiedTo") or []
         if tied:
             lines.append(f"{answer['to']} is tied to " + "; ".join(tied))
-        else:
+        elif answer.get("rule") is not None and answer.get("view") == "fresh":
             lines.append(f"{answer['to']} is tied to no tailnet peer tsmux knows of")
         if answer.get("view") not in (None, "fresh"):
             lines.append(f"tailnet view {answer['view']}")

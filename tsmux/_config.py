@@ -7,6 +7,7 @@ connection.
 
 from __future__ import annotations
 
+import getopt
 import grp
 import os
 import pwd
@@ -469,6 +470,7 @@ class Options(usage.Options):
         twistd (a parent), a bad option is reported here, on stderr with
         status 2: twistd itself would print every option before it.
         """
+        self._given = self._optionsGiven(sys.argv[1:] if options is None else list(options))
         try:
             super().parseOptions(options)
         except usage.UsageError as error:
@@ -478,6 +480,23 @@ class Options(usage.Options):
             if self.parent is not None:
                 reportUsageError(message, "twistd tsmux")
             raise usage.UsageError(message) from None
+
+    def _optionsGiven(self, arguments: list[str]) -> set[str]:
+        """
+        The long names of the options on the command line, as usage.Options
+        will read them (getopt, with its abbreviations and short forms):
+        a socket flag given with its default value still conflicts with
+        C{--config}.  Empty when getopt refuses them (parseOptions says why).
+        """
+        try:
+            pairs, _ = getopt.getopt(arguments, self.shortOpt, self.longOpt)
+        except getopt.GetoptError:
+            return set()
+        given = set()
+        for option, _ in pairs:
+            name = option.lstrip("-")
+            given.add(self.synonyms.get(name, name))
+        return given
 
     def parseArgs(self, *arguments: str) -> None:
         if arguments:
@@ -499,25 +518,8 @@ class Options(usage.Options):
 
     def socketFlagsGiven(self) -> list[str]:
         """The flags given that describe a socket (they conflict with C{--config})."""
-        given = []
-        for name in SOCKET_LIST_FLAGS:
-            if self[name]:
-                given.append(f"--{name}")
-        defaults = Options()
-        for parameter in self.optParameters:
-            name = str(parameter[0])
-            if name in PROCESS_FLAGS:
-                continue
-            default = defaults[name]
-            value = self[name]
-            if isinstance(default, str) and not isinstance(value, str) and name in _COERCIONS:
-                # Defaults are kept as typed; compare what was given against the default's meaning.
-                default = _COERCIONS[name](default)
-            if value != default:
-                given.append(f"--{name}")
-        if self["no-splice"]:
-            given.append("--no-splice")
-        return given
+        given: set[str] = getattr(self, "_given", set())
+        return [f"--{name}" for name in sorted(given) if name not in PROCESS_FLAGS]
 
     def toDaemonConfig(self) -> DaemonConfig:
         """The daemon this command line describes: one socket from the flags, or the C{--config} file."""
@@ -562,7 +564,8 @@ class Options(usage.Options):
 
 
 SOCKET_LIST_FLAGS = ("listen", "socks-allow-uid", "socks-allow-gid", "admin-uid", "admin-gid")
-PROCESS_FLAGS = frozenset({"config", "log-format"})
+PROCESS_FLAGS = frozenset({"config", "log-format", "help", "version", "strict"})
+"""Options that combine with --config: they are not about a socket (strict: tsmux check's)."""
 
 
 class _Choices(usage.CompleteList):

@@ -342,7 +342,7 @@ class NetmapWatcher:
         if not self._failing:
             self._failing = True
             self.log.warn(
-                "Cannot get tailscaled's status ({error}); rules that need the tailnet view deny connections "
+                "cannot get tailscaled's status ({error}); rules that need the tailnet view deny connections "
                 "once the last good view is {maxAge:g} s old, until it answers again",
                 error=self.lastError,
                 maxAge=self.maxAge,
