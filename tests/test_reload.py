@@ -175,3 +175,25 @@ class ReloadsTakeTurnsTests(ReloadMixin, SynchronousTestCase):
             ["1 socket, 0 rules; nothing changed", "1 socket, 0 rules; removed a"],
         )
         self.assertEqual(list(service.listeners), ["b"])
+
+
+class PasswordFilesTests(ReloadMixin, SynchronousTestCase):
+    def test_aChangedPasswordFileIsReadAgain(self) -> None:
+        """The file's path is the same, its contents are not: the socket is rebuilt, the old password gone."""
+        secrets = os.path.join(self.directory, "socks.auth")
+        with open(secrets, "w") as file:
+            file.write("alice:oldpass\n")
+        os.chmod(secrets, 0o600)
+        self.write(self.sock("a", f'socks-auth = "{secrets}"'))
+        service = self.start()
+        credentials = service.listeners["a"].context.credentials
+        assert credentials is not None
+        self.assertTrue(credentials.check(b"alice", b"oldpass"))
+        self.assertEqual(self.reload(service)["summary"], "1 socket, 0 rules; nothing changed")
+        with open(secrets, "w") as file:
+            file.write("alice:newpass\n")
+        self.assertEqual(self.reload(service)["updated"], ["a"])
+        credentials = service.listeners["a"].context.credentials
+        assert credentials is not None
+        self.assertFalse(credentials.check(b"alice", b"oldpass"))
+        self.assertTrue(credentials.check(b"alice", b"newpass"))

@@ -270,12 +270,34 @@ class ParseTargetTests(SynchronousTestCase):
             self.assertEqual(parseTarget(host, 1).ip, ipaddress.ip_address("100.64.0.2"), host)
 
     def test_inetAtonForms(self) -> None:
-        """What C{getaddrinfo} would connect to: a rule on 127.0.0.0/8 must see it."""
+        """
+        What C{getaddrinfo} would connect to, and what tailscaled reads as a name: a name that
+        carries the address too.
+        """
         for host in ("2130706433", "0x7f.1", "0x7F000001", "017700000001", "127.1", "0177.0.0.1"):
-            self.assertEqual(parseTarget(host, 1).ip, ipaddress.ip_address("127.0.0.1"), host)
+            target = parseTarget(host, 1)
+            self.assertEqual((target.ip, target.shortForm), (None, ipaddress.ip_address("127.0.0.1")), host)
         for host in ("08.0.0.1", "1.2.3.4.5", "4294967296", "1.256.0.0", "deadbeef", "0x7f.example"):
-            self.assertIsNone(parseTarget(host, 1).ip, host)
-        self.assertEqual(parseTarget("0x", 1).ip, ipaddress.ip_address("0.0.0.0"), "as inet_aton reads it")
+            target = parseTarget(host, 1)
+            self.assertEqual((target.ip, target.shortForm), (None, None), host)
+        self.assertEqual(parseTarget("0x", 1).shortForm, ipaddress.ip_address("0.0.0.0"), "as inet_aton reads it")
+
+    def test_shortFormsAreNamesToAllowRulesAndAddressesToDenyRules(self) -> None:
+        """
+        tailscaled dials C{0x64400002} as a name (a node may be named so), libc as 100.64.0.2: an
+        allow rule on the address or its node does not let it through, a deny rule stops it.
+        """
+        for allowed in ("100.64.0.2:*", "100.64.0.0/10:*", "tag:prod:*", "web.tail.ts.net:*"):
+            rules = ruleSet({"allow": [allowed]})
+            for host in ("0x64400002", "1681915906", "100.4194306", "0x64400002."):
+                self.assertEqual(verdictOf(rules, host), (Verdict.DENY, "web#end"), (allowed, host))
+        for denied in ("100.64.0.2:*", "100.64.0.0/10:*", "tag:prod:*"):
+            rules = ruleSet({"deny": [denied]}, {"allow": ["*:*"]})
+            self.assertEqual(verdictOf(rules, "0x64400002"), (Verdict.DENY, "web#1"), denied)
+        rules = ruleSet({"deny": ["127.0.0.0/8:*"]}, {"allow": ["*:*"]})
+        self.assertEqual(verdictOf(rules, "2130706433"), (Verdict.DENY, "web#1"))
+        decision = rules.decide(ALICE, parseTarget("2130706433", 443), None)
+        self.assertEqual((decision.verdict, decision.label), (Verdict.DENY, "web#1"), "without the view too")
 
     def test_bad(self) -> None:
         for port in (-1, 65536, True):

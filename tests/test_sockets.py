@@ -12,6 +12,7 @@ from typing import Any
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from tsmux._config import DialerSpec
 from tsmux._context import SharedState
 from tsmux._dialfilter import DialFilterRelay
 from tsmux._limits import ConnectionLimits
@@ -172,6 +173,28 @@ class RuleDecisionTests(SocketMixin, SynchronousTestCase):
         self.assertEqual(line["rule"], "web#2")
         self.assertEqual(self.dialer.dials, [])
 
+    def test_whatIsJudgedIsWhatIsDialed(self) -> None:
+        """One pair of brackets comes off before the rules and the dial alike (tailscaled would take them off)."""
+        self.socks(NOBODY, "[db-1]", 443)
+        self.assertEqual(self.lines()[0]["rule"], "web#2")
+        self.socks(ROOT, "[db-1]", 443)
+        self.assertEqual([(h, p) for h, p, _ in self.dialer.dials], [("db-1", 443)])
+        self.connect(ROOT, b"CONNECT [[db-1]]:443 HTTP/1.1\r\n\r\n")
+        self.assertEqual([(h, p) for h, p, _ in self.dialer.dials][1:], [("db-1", 443)])
+
+    def test_strayBracketsAreNoHost(self) -> None:
+        transport = self.socks(ROOT, "[db-1", 443)
+        self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED))
+        self.assertIn("not a host the rules decide", self.lines()[0]["line"])
+
+    def test_shortNumericFormIsDeniedByATagDeny(self) -> None:
+        """0x64400005 is a name to tailscaled but 100.64.0.5 to libc: the deny of tag:prod stops it."""
+        self.socks(NOBODY, "0x64400005", 443)
+        self.assertEqual(self.lines()[0]["rule"], "web#2")
+        self.socks(ROOT, "0x64400005", 443)
+        self.assertEqual(self.lines()[1]["rule"], "web#2", "not allowed by web#1: tailscaled would read a name")
+        self.assertEqual(self.dialer.dials, [])
+
     def test_fallThroughIsEnd(self) -> None:
         self.socks(ROOT, "example.com", 443)
         self.assertEqual(self.lines()[0]["rule"], "web#end")
@@ -202,6 +225,23 @@ class RuleDecisionTests(SocketMixin, SynchronousTestCase):
         text = self.context.metrics.render(0, None).decode()
         self.assertIn('tsmux_rule_decisions_total{socket="web",rule="web#1",verdict="allow"} 1', text)
         self.assertIn('tsmux_rule_decisions_total{socket="web",rule="web#2",verdict="deny"} 2', text)
+
+
+class DirectDialerRulesTests(SocketMixin, SynchronousTestCase):
+    """With the direct dialer a name goes to the system's resolver: allow rules trust no name's tie to a node."""
+
+    settings = {"rules": rules({"allow": ["tag:prod:443"]}, {"deny": ["*:*"]})}
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.context.config = replace(self.context.config, dialer=DialerSpec("direct"))
+
+    def test_addressesOnly(self) -> None:
+        self.socks(ROOT, "db-1", 443)
+        self.socks(ROOT, "db-1.example.ts.net", 443)
+        self.socks(ROOT, "100.64.0.5", 443)
+        self.assertEqual([line["rule"] for line in self.lines()], ["web#2", "web#2"])
+        self.assertEqual([(h, p) for h, p, _ in self.dialer.dials], [("100.64.0.5", 443)])
 
 
 class OpenSocketTests(SocketMixin, SynchronousTestCase):
@@ -243,6 +283,47 @@ class LocalAPIDialRulesTests(SocketMixin, SynchronousTestCase):
         client.protocol.connectionLost(DONE)
         upstream.protocol.connectionLost(DONE)
         self.assertIn("access=dial-rules rule=web#2 ", self.lines()[-1]["line"])
+
+    def test_dialHostNotInTheFormRulesJudgeGets403(self) -> None:
+        """Bytes go to tailscaled unchanged: brackets it would take off, letters Go would fold, are refused."""
+        for host in ("[db-1]", "db-1]", "d\xc4\xb0b", "fe80::1%eth0"):
+            client, upstream = self.relayFor(ROOT, dial(host, "5432"))
+            self.assertEqual(upstream.value(), b"", host)
+            self.assertIn(b"not a host the rules decide", client.value(), host)
+
+    def test_onlyTCPDials(self) -> None:
+        request = dial("db-1", "5432").replace(b"\r\n\r\n", b"\r\nDial-Network: udp\r\n\r\n")
+        client, upstream = self.relayFor(ROOT, request)
+        self.assertEqual(upstream.value(), b"")
+        self.assertIn(b"rules decide TCP dials only", client.value())
+        client, upstream = self.relayFor(ROOT, request.replace(b"udp", b"tcp4"))
+        self.assertIn(b"Dial-Network: tcp4", upstream.value())
+
+    def test_openConnectionsDecideByTheRulesAfterAReload(self) -> None:
+        """A held LocalAPI connection keeps dialing: each dial is decided by the socket's rules as they are now."""
+        client, upstream = self.heldConnection()
+        reloaded = makeContext(
+            self.reactor, self.dialer, self.localapi, name="web", rules=rules({"deny": ["tag:prod:*"]})
+        )
+        reloaded.netmap = FakeNetmap()
+        self.context.successor = reloaded
+        client.protocol.dataReceived(dial("db-1", "5432"))
+        self.assertNotIn(b"/dial", upstream.value())
+        self.assertIn(b"refused: rule web#1 denies tag:prod:*", client.value())
+
+    def test_aRemovedSocketsConnectionsDialNoMore(self) -> None:
+        client, upstream = self.heldConnection()
+        self.context.removed = True
+        client.protocol.dataReceived(dial("db-1", "5432"))
+        self.assertNotIn(b"/dial", upstream.value())
+        self.assertIn(b"socket web was removed by a reload", client.value())
+
+    def heldConnection(self) -> tuple[CallerTransport, Any]:
+        """A keep-alive LocalAPI connection whose first request was answered: it may send more."""
+        client, upstream = self.relayFor(NOBODY, STATUS)
+        upstream.protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        self.assertTrue(client.value().endswith(b"{}"))
+        return client, upstream
 
     def test_dialWithoutAValidPortGets403(self) -> None:
         client, upstream = self.relayFor(ROOT, dial("db-1", "0x1f"))

@@ -593,10 +593,11 @@ class RulesTests(NamespaceTestMixin, SynchronousTestCase):
         self.assertIn("rule=web#2 up=", line)
         line = check("web", WEB_1, 22, "web#1", 2)
         self.assertIn("refused-by-policy: rule web#1 denies tag:prod:22", line)
-        # ... by its MagicDNS name and the first label of it (any case): names tailscaled's dial resolves
-        # to the node, so the tag rule allows them (the direct dialer then cannot resolve them: a dial error).
+        # ... not by its names: these sockets dial directly, so a name goes to the system's resolver, and
+        # an allow rule trusts no name's tie to a node (with tailscaled's dialers it would: test_sockets).
         for name in ("web-1.example.ts.net", "web-1.example.ts.net.", "WEB-1"):
-            check("web", name, PORT, "web#2", None)
+            check("web", name, PORT, "web#6", 2)
+        # A deny rule takes every tie: the name is denied as the node's.
         check("web", "web-1", 22, "web#1", 2)
         # Its host name is the owner's choice and goes to DNS: it ties the node for deny rules only.
         check("web", "webhost", PORT, "web#6", 2)
@@ -639,16 +640,17 @@ class RulesTests(NamespaceTestMixin, SynchronousTestCase):
     def test_namesAndAddressesTieToNodes(self) -> None:
         """A name rule matches the node's other names and addresses; an address rule the node's names."""
         check = self.checkSOCKS5
-        # ops#1 names db: its short name, both addresses; not its host name (an allow rule).
+        # ops#1 names db: its own text, and both addresses through the node's full name; not its short name
+        # or host name (the direct dialer sends names to the system's resolver: no tie is trusted to allow).
         check("ops", "db.example.ts.net", PORT, "ops#1", None)
-        check("ops", "db", PORT, "ops#1", None)
+        check("ops", "db", PORT, "ops#end", 2)
         check("ops", "DATABASE", PORT, "ops#end", 2)
         check("ops", DB, PORT, "ops#1", 0)
         check("ops", DB_V6, PORT, "ops#1", 0)
         check("ops", "db", 22, "ops#end", 2)
         # ops#2 is web-1's IPv6 address (bracketed): the address and web-1's names, not its IPv4 address.
         check("ops", WEB_1_V6, PORT, "ops#2", 0)
-        check("ops", "web-1", PORT, "ops#2", None)
+        check("ops", "web-1", PORT, "ops#end", 2)
         line = check("ops", WEB_1, PORT, "ops#end", 2)
         self.assertIn("refused-by-policy: no rule of socket ops allows it", line)
         # A socket with rules = []: every destination, logged as NAME#open.

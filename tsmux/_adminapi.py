@@ -183,7 +183,7 @@ def status(context: ConnectionContext) -> dict[str, Any]:
             entry["openConnections"] += 1
             entry["openByProtocol"][record.protocol] = entry["openByProtocol"].get(record.protocol, 0) + 1
             if record.target is not None:
-                destinations[record.target] += 1
+                destinations[escapeText(record.target)] += 1  # client text: escaped, as in the log
     return {
         "version": __version__,
         "uptimeSeconds": round(context.reactor.seconds() - context.started, 3),
@@ -290,6 +290,6 @@ def explain(context: ConnectionContext, callerText: str, to: str) -> dict[str, A
         verdict=decision.verdict.value,
         rule=decision.label,
         reason=decision.reason,
-        tiedTo=[peer.describe() for peer in decision.peers],
+        tiedTo=[escapeText(peer.describe()) for peer in decision.peers],  # node owners choose host names
     )
     return answer

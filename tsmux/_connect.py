@@ -16,6 +16,7 @@ from ._escape import escapeText
 from ._http import HTTPParseError, buildSimpleResponse, parseRequestHead, splitHead
 from ._interfaces import IStreamTransport, IUpstream
 from ._record import ConnectionRecord, Outcome
+from ._upstream import dialHost
 
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -143,7 +144,8 @@ class HTTPConnectProtocol(Protocol):
         self._dial(host, port)
 
     def _dial(self, host: str, port: int) -> None:
-        """The socket's rules, then the dial."""
+        """The socket's rules, then the dial, of one form of the host (see L{dialHost})."""
+        host = dialHost(host) or host
         ruled = self._context.decide(self.record, host, port)
         if ruled is not None and not ruled.allowed:
             self._wait = None

@@ -34,7 +34,8 @@ from ._peercred import PeerCredentials
 from ._policy import AccessPolicy
 from ._record import ConnectionRecord, Outcome
 from ._relay import Relay
-from ._rules import RuleDecision, RuleSet, parseTarget
+from ._rules import RuleDecision, RuleSet, Verdict, parseTarget
+from ._upstream import dialHost
 
 
 class SharedState:
@@ -105,6 +106,10 @@ class ConnectionContext:
         self.listening: list[str] = list(config.listen)
         self.accepting = True
         """False once its socket stopped accepting (a reload removed or replaced it): it drains."""
+        self.successor: ConnectionContext | None = None
+        """The context a reload replaced this one with (same socket, new settings), if any."""
+        self.removed = False
+        """A reload removed this socket."""
         self.openConnections: set[ConnectionRecord] = set()
         self.openByUid: Counter[int | None] = Counter()
         self.relays: set[Relay] = set()
@@ -161,6 +166,17 @@ class ConnectionContext:
             _countDown(shared.openBySocketUid, (self.name, uid))
         self.metrics.connectionEnded(record)
 
+    def current(self) -> ConnectionContext | None:
+        """
+        This socket's settings now: this context, or the one a reload put in
+        its place; C{None} if a reload removed the socket.  What an open
+        connection that keeps deciding (a framed LocalAPI connection) asks.
+        """
+        context: ConnectionContext = self
+        while context.successor is not None:
+            context = context.successor
+        return None if context.removed else context
+
     # this socket's own rules
 
     def refusalAtSocket(self, protocol: str, peer: PeerCredentials | None) -> str | None:
@@ -199,10 +215,19 @@ class ConnectionContext:
         ruleSet = self.ruleSet
         if ruleSet is None:
             return None
+        if dialHost(host) != host or "%" in host:
+            # No dialer passes such a host on as it is, and a zone (fe80::1%eth0) takes the dial
+            # outside the tailnet's addresses: nothing for rules to allow.
+            return RuleDecision(
+                Verdict.DENY,
+                ruleSet.endLabel,
+                "not a host the rules decide (brackets, a zone, or characters no dialer passes on)",
+            )
         netmap = self.netmap
         view = netmap.current() if netmap is not None else None
         whyNone = (netmap.whyNone() if netmap is not None else "tsmux reads no tailnet view") if view is None else ""
-        return ruleSet.decide(peer, parseTarget(host, port), view, whyNone)
+        tailscaledResolves = self.config.dialer.kind != "direct"
+        return ruleSet.decide(peer, parseTarget(host, port), view, whyNone, tailscaledResolves)
 
     def closeIdleRelays(self) -> None:
         """Close relays idle past the idle or half-close timeout, or lingering past L{tsmux._relay.LINGER}."""

@@ -33,7 +33,7 @@ from ._http import HTTPParseError, ResponseHead, parseResponseHead
 from ._interfaces import IDialer, IUpstream
 from ._localapi import LocalAPIAccess, LocalAPIHealth
 from ._peercred import PeerCredentials
-from ._upstream import HandshakeThenHold, HeldConnection, asDialError, boundedDial, quietConnect
+from ._upstream import HandshakeThenHold, HeldConnection, asDialError, boundedDial, dialHost, quietConnect
 
 TCPConnector = Callable[[Any, str, int, "Identity | None", IProtocol, float], defer.Deferred[IProtocol]]
 
@@ -58,7 +58,7 @@ class DirectDialer:
 
     def dial(self, host: str, port: int, caller: PeerCredentials | None = None) -> defer.Deferred[IUpstream]:
         def start() -> defer.Deferred[IUpstream]:
-            endpoint = _tcpEndpoint(self._reactor, host.strip("[]"), port, self._timeout)
+            endpoint = _tcpEndpoint(self._reactor, dialHost(host) or host, port, self._timeout)
             return quietConnect(endpoint, HeldConnection())  # type: ignore[return-value]
 
         return boundedDial(self._reactor, host, port, self._timeout, f"dial {host}:{port}", start)

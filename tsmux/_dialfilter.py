@@ -28,8 +28,8 @@ from ._http import Body, Head, HTTPParseError, RequestFramer, RequestHead, Respo
 from ._interfaces import IStreamTransport
 from ._relay import Relay, RelayEnd, closeTransport
 
-DialJudge = Callable[[str | None, str | None], str | None]
-"""Given a dial's C{Dial-Host} and C{Dial-Port} headers, why it is refused, or C{None} to let it through."""
+DialJudge = Callable[[RequestHead], str | None]
+"""Given a dial's request head (its C{Dial-Host}, C{Dial-Port}, C{Dial-Network}), why it is refused, or C{None}."""
 
 HELD_LIMIT = 64 * 1024
 """Client bytes held while an upgrade is pending; past this, stop reading the client."""
@@ -125,7 +125,7 @@ class DialFilterRelay(Relay):
                     host, port = head.header("Dial-Host"), head.header("Dial-Port")
                     # Header values are kept as latin-1 text: back to the bytes sent, then escaped.
                     self.dialTarget = escapeText(f"{host or '?'}:{port or '?'}".encode("latin-1", "replace"))
-                    refusal = self._judge(host, port)
+                    refusal = self._judge(head)
                     if refusal is not None:
                         why = f"LocalAPI dial to {self.dialTarget} refused: {refusal}"
                         self._refuse(403, "Forbidden", f"tsmux: {why}\n", why)
@@ -195,7 +195,7 @@ class DialFilterRelay(Relay):
 
 
 def _refuseAll(reason: str) -> DialJudge:
-    def judge(host: str | None, port: str | None) -> str | None:
+    def judge(head: RequestHead) -> str | None:
         return reason
 
     return judge

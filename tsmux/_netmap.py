@@ -142,13 +142,16 @@ class NetmapView:
             # What tailscaled's own dial resolves to this node (its DNS map: the MagicDNS name, and
             # that name without the tailnet's suffix); HostName is the owner's to choose, and
             # tailscaled sends it to the system's resolver like any other name.
-            if not suffix:
+            dialNames: set[str]
+            if not peer.addresses:
+                dialNames = set()  # tailscaled maps no name to a node without an address
+            elif not suffix:
                 dialNames = {peer.name, firstLabel}
             elif peer.name.endswith(suffix):
                 dialNames = {peer.name, peer.name[: -len(suffix)]}
             else:
                 dialNames = {peer.name}
-            for key, index in ((dialNames | {firstLabel, peer.hostName}, byName), (dialNames, byDialName)):
+            for key, index in (({peer.name, firstLabel, peer.hostName}, byName), (dialNames, byDialName)):
                 key.discard("")
                 for name in key:
                     index.setdefault(name, []).append(peer)

@@ -12,7 +12,7 @@ from zope.interface import implementer
 from ._context import ConnectionContext, UpstreamWait, clientGone, heldEOF, relayOutcome
 from ._dialfilter import DialFilterRelay, DialJudge
 from ._errors import failureReason
-from ._http import buildSimpleResponse
+from ._http import RequestHead, buildSimpleResponse
 from ._interfaces import IStreamTransport, IUpstream
 from ._record import ConnectionRecord, Outcome
 from ._upstream import HeldConnection
@@ -75,11 +75,28 @@ class LocalAPIPassthrough(Protocol):
             self.record, self.transport, upstream, self._wait.pending, relay, lambda _: self._filterOutcome(relay)
         )
 
-    def _judgeByRules(self, host: str | None, port: str | None) -> str | None:
-        """A LocalAPI dial on a socket with rules: decided like a SOCKS5 or CONNECT one."""
+    def _judgeByRules(self, head: RequestHead) -> str | None:
+        """
+        A LocalAPI dial on a socket with rules: decided like a SOCKS5 or
+        CONNECT one.  Its bytes go to tailscaled unchanged, so only a
+        C{Dial-Host} already in the one form rules judge passes (see
+        L{tsmux._context.ConnectionContext.judge}), and only TCP: the rules
+        are written for TCP ports.
+        """
+        host, port = head.header("Dial-Host"), head.header("Dial-Port")
         if not host or port is None or not (port.isascii() and port.isdigit()) or not 0 < int(port) <= 0xFFFF:
             return "a dial needs Dial-Host and a Dial-Port from 1 to 65535"
-        decision = self._context.decide(self.record, host, int(port))
+        network = head.header("Dial-Network")
+        if network is not None and network not in ("tcp", "tcp4", "tcp6"):
+            return "rules decide TCP dials only (Dial-Network tcp, tcp4 or tcp6)"
+        # The socket's rules as they are now: a reload since this connection came in applies to it.
+        context = self._context.current()
+        if context is None:
+            return f"socket {self._context.name} was removed by a reload"
+        refusal = context.refusalAtSocket("localapi", self.record.peer)
+        if refusal is not None:
+            return refusal
+        decision = context.decide(self.record, host, int(port))
         return None if decision is None or decision.allowed else decision.reason
 
     def _filterOutcome(self, relay: DialFilterRelay) -> tuple[Outcome, str, dict[str, Any]]:

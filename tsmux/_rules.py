@@ -201,6 +201,20 @@ class Target:
     host: str
     port: int
     ip: IPAddress | None = None
+    shortForm: ipaddress.IPv4Address | None = None
+    """
+    For a host in one of C{inet_aton}'s short numeric forms (C{2130706433},
+    C{0x7f.1}, C{127.1}): the address libc reads in it.  tailscaled reads
+    such a host as a name (MagicDNS, then DNS), libc as that address: so it
+    is a name to allow rules, and a name and that address to deny rules.
+    """
+
+    @property
+    def asAddress(self) -> Target | None:
+        """The short form read as its address (what deny rules also judge), or C{None}."""
+        if self.shortForm is None:
+            return None
+        return Target(str(self.shortForm), self.port, self.shortForm)
 
     @property
     def text(self) -> str:
@@ -241,13 +255,14 @@ def _inetAton(text: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(number << 8 * (4 - len(head)) | last)
 
 
-def _ipLiteral(text: str) -> IPAddress | None:
+def _ipLiteral(text: str) -> tuple[IPAddress | None, ipaddress.IPv4Address | None]:
+    """An IP address in its usual form, or else an IPv4 address in a short form, or neither."""
     if not _IP_CHARACTERS.fullmatch(text):
-        return None  # most names: no exception to pay for
+        return None, None  # most names: no exception to pay for
     try:
-        return normalIP(ipaddress.ip_address(text))
+        return normalIP(ipaddress.ip_address(text)), None
     except ValueError:
-        return _inetAton(text)
+        return None, _inetAton(text)
 
 
 def parseTarget(host: str, port: int) -> Target:
@@ -255,11 +270,12 @@ def parseTarget(host: str, port: int) -> Target:
     The target of a connection request, as rules see it.
 
     A host that is an IP address is that address, even when it came as a
-    SOCKS5 domain name or in brackets, and also in the shorter numeric forms
-    C{inet_aton} takes (a dialer using C{getaddrinfo} would connect there);
-    an IPv4-mapped IPv6 address is its IPv4 address.  Any other host is a
-    name, lowercased, without trailing dots; whatever a client sent, even
-    nothing (C{""}): such a name is tied to no node and only C{*} matches it.
+    SOCKS5 domain name or in brackets; an IPv4-mapped IPv6 address is its
+    IPv4 address.  A host in one of the shorter numeric forms C{inet_aton}
+    takes is a name that also carries that address (L{Target.shortForm}).
+    Any other host is a name, lowercased, without trailing dots; whatever a
+    client sent, even nothing (C{""}): such a name is tied to no node and
+    only C{*} matches it.
 
     @raise RuleError: a port outside 0-65535 (the front ends check ports).
     """
@@ -268,14 +284,14 @@ def parseTarget(host: str, port: int) -> Target:
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise RuleError(f"bad target port {port!r}: ports run from 0 to 65535")
     if len(host) > 2 and host[0] == "[" and host[-1] == "]":
-        ip = _ipLiteral(host[1:-1])
+        ip, short = _ipLiteral(host[1:-1])
         if ip is not None:
             return Target(str(ip), port, ip)
     name = host.lower().rstrip(".")
-    ip = _ipLiteral(name)
+    ip, short = _ipLiteral(name)
     if ip is not None:
         return Target(str(ip), port, ip)
-    return Target(name, port)
+    return Target(name, port, shortForm=short)
 
 
 def tiedPeers(target: Target, view: NetmapView | None, dialable: bool = False) -> tuple[Peer, ...] | None:
@@ -702,12 +718,22 @@ class RuleSet:
         return len(self.rules)
 
     @property
+    def endLabel(self) -> str:
+        """C{NAME#end}: what a denial no rule made is logged as."""
+        return self._endLabel
+
+    @property
     def openDecision(self) -> RuleDecision:
         """What a socket without rules decides, whatever the target (C{NAME#open})."""
         return self._open
 
     def decide(
-        self, peer: PeerCredentials | None, target: Target, view: NetmapView | None, whyNoView: str = ""
+        self,
+        peer: PeerCredentials | None,
+        target: Target,
+        view: NetmapView | None,
+        whyNoView: str = "",
+        tailscaledResolves: bool = True,
     ) -> RuleDecision:
         """
         The first rule for this caller whose destinations match C{target}
@@ -716,6 +742,11 @@ class RuleSet:
         (C{whyNoView} says why there is none).  A target tied to several
         nodes matches an allow rule's nodes only if all match, a deny
         rule's if any does.
+
+        @param tailscaledResolves: the way out hands names to tailscaled,
+            which resolves a node's MagicDNS names itself; otherwise (the
+            direct dialer) a name goes to the system's resolver, and an allow
+            rule trusts no name's tie to a node.
         """
         if not self.rules:
             peers = tiedPeers(target, view)
@@ -732,11 +763,22 @@ class RuleSet:
                 matched = destination.matchesTarget(target)
                 if matched is None:
                     if rule.allow not in ties:
-                        ties[rule.allow] = tiedPeers(target, view, dialable=rule.allow)
+                        if rule.allow and not tailscaledResolves and target.ip is None:
+                            ties[True] = None if view is None else ()
+                        else:
+                            ties[rule.allow] = tiedPeers(target, view, dialable=rule.allow)
                     matched = destination.matchesPeers(ties[rule.allow], rule.allow)
-                    if matched is None:
-                        unknown = True
-                        continue
+                if not matched and not rule.allow and target.shortForm is not None:
+                    # A deny rule takes the address libc reads in a short numeric form too.
+                    asAddress = target.asAddress
+                    assert asAddress is not None
+                    alsoMatched = destination.matchesTarget(asAddress)
+                    if alsoMatched is None:
+                        alsoMatched = destination.matchesPeers(tiedPeers(asAddress, view), False)
+                    matched = True if alsoMatched else (None if alsoMatched is None or matched is None else False)
+                if matched is None:
+                    unknown = True
+                    continue
                 if matched:
                     verdict = Verdict.ALLOW if rule.allow else Verdict.DENY
                     reason = f"rule {label} {rule.verbs} {destination.text}"

@@ -57,6 +57,8 @@ class SocketListener:
         self.context = context
         self.factory = MuxFactory(context)
         self.ports: list[IListeningPort] = []
+        self.secrets = readSecrets(context.config)
+        """What its password files said when it was built: a reload re-reads them (a revoked password is gone)."""
 
     @property
     def config(self) -> Config:
@@ -91,6 +93,20 @@ class SocketListener:
 
 ReloadPlan = dict[str, tuple[str, "ConnectionContext | None"]]
 """Socket name -> what a reload does to it (added, removed, re-created, updated, unchanged) and its new context."""
+
+
+def readSecrets(config: Config) -> tuple[object, object]:
+    """
+    What a socket's C{socks-auth} and C{upstream-auth} files say now (not
+    their paths): a reload that finds them changed rebuilds the socket's
+    context, so a revoked password stops working for new connections.
+    """
+    try:
+        socksAuth = Credentials.fromFile(config.socksAuth).users if config.socksAuth else None
+        upstream = readUpstreamCredentials(config.upstreamAuth) if config.upstreamAuth else None
+    except StartupError as error:
+        return ("unreadable", str(error)), None  # buildContext says why, if the reload goes on to it
+    return socksAuth, upstream
 
 
 def sameAddress(old: Config, new: Config) -> bool:
@@ -166,10 +182,11 @@ class TsmuxService(service.Service):
 
     def _health(self, config: Config) -> LocalAPIHealth:
         health = self.healths.get(config.localapi)
+        dialsThroughIt = config.dialer.kind == "localapi"
         if health is None:
-            health = self.healths[config.localapi] = LocalAPIHealth(config.localapi)
+            health = self.healths[config.localapi] = LocalAPIHealth(config.localapi, socksUsesIt=dialsThroughIt)
         # Whether SOCKS5 dials fail with it too is said in its warning: true if any socket dials through it.
-        health.socksUsesIt = health.socksUsesIt and config.dialer.kind == "localapi"
+        health.socksUsesIt = health.socksUsesIt or dialsThroughIt
         return health
 
     def _netmap(self, config: Config) -> NetmapWatcher | None:
@@ -382,6 +399,7 @@ class TsmuxService(service.Service):
             self.log.error(
                 "reload of {file} failed, the running config is kept: {errors}", file=path, errors="; ".join(lines)
             )
+            self._dropUnusedNetmaps()  # one the rejected file's sockets would have used
             result = {"reloaded": False, "error": "; ".join(lines), "errors": lines}
             self.shared.lastReload = result
             return result
@@ -411,6 +429,7 @@ class TsmuxService(service.Service):
                 and old.config == config
                 and self.daemon.adminUids == daemon.adminUids
                 and (self.daemon.adminGids == daemon.adminGids)
+                and old.secrets == readSecrets(config)
             ):
                 plan[name] = ("unchanged", None)
                 continue
@@ -441,11 +460,15 @@ class TsmuxService(service.Service):
                 await old.stopListening()
                 self.listeners.pop(name, None)
                 if action == "removed":
+                    old.context.removed = True
                     changed[action].append(name)
         for name, (action, context) in plan.items():
             old = self.listeners.get(name)
             if action in ("unchanged", "removed") or context is None:
                 continue
+            previous = old.context if old is not None else self._draining(name)
+            if previous is not None:
+                previous.successor = context  # its open framed connections decide by the new rules
             if action == "updated" and old is not None:
                 old.context.accepting = False
                 old.context = context
@@ -476,8 +499,7 @@ class TsmuxService(service.Service):
                 self._fileLimits[1], daemon.maxConnections, daemon.maxConnectionsPerUid
             )
         self.daemon = daemon
-        for path in [path for path in self.netmaps if not self._needsNetmap(path)]:
-            self.netmaps.pop(path).stop()
+        self._dropUnusedNetmaps()
         parts = [f"{action} {', '.join(names)}" for action, names in changed.items() if names] or ["nothing changed"]
         summary = f"{daemon.summary()}; {'; '.join(parts)}"
         self.log.info("reloaded {file}: {summary}", file=daemon.configFile, summary=summary)
@@ -489,6 +511,18 @@ class TsmuxService(service.Service):
         if failed:
             result["failed"] = failed
         return result
+
+    def _draining(self, name: str) -> ConnectionContext | None:
+        """The latest context of socket C{name} that stopped accepting (re-created: its port is gone)."""
+        for context in reversed(self.shared.contexts):
+            if context.name == name and context.successor is None and not context.removed:
+                return context
+        return None
+
+    def _dropUnusedNetmaps(self) -> None:
+        """Stop reading tailscaled's status where no socket's rules need it any more."""
+        for path in [path for path in self.netmaps if not self._needsNetmap(path)]:
+            self.netmaps.pop(path).stop()
 
     def _needsNetmap(self, path: str) -> bool:
         return any(

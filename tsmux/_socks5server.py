@@ -23,6 +23,7 @@ from ._socks5 import (
     SOCKS5ServerCodec,
     buildReply,
 )
+from ._upstream import dialHost
 
 
 @implementer(IHalfCloseableProtocol)
@@ -114,9 +115,11 @@ class SOCKS5ServerProtocol(Protocol):
         request = event.request
         host = f"[{request.host}]" if ":" in request.host else request.host
         self.record.target = f"{host}:{request.port}"
+        # What the rules judge is what is dialed: one form for both (see dialHost).
+        dialed = dialHost(request.host) or request.host
         refusal = self._decision.reason if not self._decision.allowed else None
         if refusal is None:
-            ruled = self._context.decide(self.record, request.host, request.port)
+            ruled = self._context.decide(self.record, dialed, request.port)
             if ruled is not None and not ruled.allowed:
                 refusal = ruled.reason
         if refusal is not None:
@@ -127,7 +130,7 @@ class SOCKS5ServerProtocol(Protocol):
         self._wait = UpstreamWait(self._context, self.record, self.transport, self._ready, self._failed)
         if event.buffered:
             self._wait.pending.hold(event.buffered)  # optimistic data, counted as it came
-        self._context.dial(self._wait, request.host, request.port)
+        self._context.dial(self._wait, dialed, request.port)
 
     def _ready(self, upstream: IUpstream) -> None:
         bound = upstream.transport.getHost()

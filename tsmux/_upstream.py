@@ -26,13 +26,28 @@ from ._relay import switchProtocol
 _P = TypeVar("_P", bound=IProtocol)
 
 # A host is an IP literal or a DNS name; anything else (spaces, CR/LF, other
-# controls) must never reach a header or a resolver.
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.:%\[\]-]{1,255}$")
+# controls, non-ASCII letters Go would fold into ASCII ones) must never reach a
+# header or a resolver.
+_HOST_RE = re.compile(r"[A-Za-z0-9_.:%-]{1,255}")
+
+
+def dialHost(host: str) -> str | None:
+    """
+    The host as every dialer passes it on, and as rules judge it: one pair of
+    enclosing brackets taken off (C{[fd7a::1]}), nothing else changed; C{None}
+    for anything that is not a plain host (stray brackets, spaces, controls,
+    non-ASCII), which no dialer passes on.  One form for both, so that a rule
+    never sees a different host from the one dialed (tailscaled would take
+    the brackets off C{[web-1]} after the rules saw a name tied to no node).
+    """
+    if len(host) > 2 and host[0] == "[" and host[-1] == "]":
+        host = host[1:-1]
+    return host if _HOST_RE.fullmatch(host) else None
 
 
 def checkTarget(host: str, port: int) -> None:
     """Raise L{HostUnreachable} for a host or port no dialer may pass on."""
-    if not _HOST_RE.match(host):
+    if dialHost(host) is None:
         raise HostUnreachable(f"not a valid host name: {host!r}")
     if not 0 < port <= 0xFFFF:
         raise HostUnreachable(f"not a valid port: {port}")
