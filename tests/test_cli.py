@@ -10,8 +10,8 @@ import subprocess
 from twisted.internet.protocol import Factory
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tsmux._config import Options
 from tsmux._listen import StartupError, listenOnDescription, listenOnPath, withBacklog
+from tsmux._options import Options
 
 from ._tsmuxprocess import REPO_ROOT, childEnvironment, shortDir, startTsmux, tsmuxCommand, twistdCommand
 

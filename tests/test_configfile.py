@@ -9,8 +9,9 @@ import pwd
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from tsmux._config import DialerSpec, Options
+from tsmux._config import DialerSpec
 from tsmux._configfile import ConfigError, loadConfigFile
+from tsmux._options import Options
 
 ROOT_USER = pwd.getpwuid(0).pw_name
 ROOT_GROUP = grp.getgrgid(0).gr_name

@@ -18,7 +18,8 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tsmux import _cli, _help
 from tsmux._completion import bashScript, zshScript
-from tsmux._config import DEFAULT_LISTEN, Options
+from tsmux._config import DEFAULT_LISTEN
+from tsmux._options import Options
 
 from ._tailnet import skipOrFail
 from ._tsmuxprocess import REPO_ROOT, childEnvironment, tsmuxCommand, twistdCommand

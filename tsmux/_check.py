@@ -35,12 +35,13 @@ from twisted.internet.testing import MemoryReactor
 
 from ._ascaller import canActAsOthers
 from ._auth import Credentials, readUpstreamCredentials
-from ._cli import _parse
-from ._config import Config, DaemonConfig, Options
+from ._config import Config, DaemonConfig
 from ._configfile import ConfigError
+from ._help import parseOrExit
 from ._limits import NR_OPEN, connectionsForDescriptors
 from ._listen import StartupError, withBacklog
 from ._localapi import LOCALAPI_HOST
+from ._options import Options
 from ._rules import RuleSet
 
 Level = Literal["ok", "warning", "problem"]
@@ -84,6 +85,8 @@ def _problem(text: str, fix: str) -> Finding:
 
 class CheckOptions(Options):
     """C{tsmux check}: the daemon's own options, checked without starting anything."""
+
+    isDaemon = False
 
     synopsis = "Usage: tsmux check [--config FILE | the daemon's options] [--strict]"
     longdesc = (
@@ -536,7 +539,7 @@ def main(arguments: list[str]) -> int:
     C{tsmux check}: the configuration's summary, then one line per finding;
     exit 1 on a problem (or, with C{--strict}, a warning), else 0.
     """
-    options = _parse(CheckOptions(), arguments, "tsmux check")
+    options = parseOrExit(CheckOptions(), arguments, "tsmux check")
     out = sys.stdout
     try:
         daemon = options.toDaemonConfig()

@@ -10,11 +10,11 @@ from typing import Any
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import FileLogObserver, eventAsJSON, formatEventAsClassicLogText, formatTime, globalLogBeginner
-from twisted.python import usage
 
-from ._config import Options
 from ._configfile import ConfigError
+from ._help import parseOrExit
 from ._listen import StartupError
+from ._options import Options
 from ._service import buildService
 
 
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             status = 1
         raise SystemExit(status)
-    options = _parse(Options(), arguments)
+    options = parseOrExit(Options(), arguments)
     try:
         daemon = options.toDaemonConfig()
     except ConfigError as error:
@@ -70,16 +70,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     if failed:
         sys.stderr.write(f"tsmux: {failed[0]}\n")
         raise SystemExit(1)
-
-
-def _parse(options: usage.Options, arguments: list[str], command: str = "tsmux") -> Any:
-    """Parse, or one line on stderr and status 2."""
-    try:
-        options.parseOptions(arguments)
-    except usage.UsageError as error:
-        sys.stderr.write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
-        raise SystemExit(2) from None
-    return options
 
 
 def _check(arguments: list[str]) -> int:

@@ -91,7 +91,7 @@ def main(arguments: list[str]) -> int:
 
 def _commands() -> list[tuple[str, usage.Options]]:
     """C{("", the daemon's options)}, then each subcommand's."""
-    from ._config import Options
+    from ._options import Options
 
     commands: list[tuple[str, usage.Options]] = [("", Options())]
     for name, _ in SUBCOMMANDS:

@@ -16,11 +16,11 @@ import getopt
 import shutil
 import sys
 import textwrap
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from twisted.python import usage
 
-from ._config import DEFAULT_LISTEN, Options
+from ._config import DEFAULT_LISTEN
 
 SUBCOMMANDS = (
     ("check", "validate a configuration and the host"),
@@ -107,7 +107,7 @@ COLUMN = 28
 
 def _isDaemon(options: usage.Options) -> bool:
     """The daemon's own options (C{tsmux}, C{twistd tsmux}), not a subcommand's that reuse them (C{tsmux check})."""
-    return options.parent is not None or getattr(options, "synopsis", None) == Options.synopsis
+    return options.parent is not None or bool(getattr(options, "isDaemon", False))
 
 
 def _width(width: int | None) -> int:
@@ -249,7 +249,17 @@ def unexpectedArgument(options: usage.Options, argument: str) -> str:
 
 
 def reportUsageError(message: str, command: str) -> NoReturn:
-    """What C{tsmux} prints for a bad option (L{tsmux._cli._parse}), for twistd: one line, a pointer, status 2."""
+    """What C{tsmux} prints for a bad option (L{parseOrExit}), for twistd: one line, a pointer, status 2."""
     sys.stderr.write(f"tsmux: {message}\nTry '{command} --help' for the options.\n")
     sys.stderr.flush()
     raise SystemExit(2)
+
+
+def parseOrExit(options: usage.Options, arguments: list[str], command: str = "tsmux") -> Any:
+    """Parse C{arguments} into C{options}, or one line on stderr (and a pointer to C{--help}) and status 2."""
+    try:
+        options.parseOptions(arguments)
+    except usage.UsageError as error:
+        sys.stderr.write(f"{command}: {error}\nTry '{command} --help' for the options.\n")
+        raise SystemExit(2) from None
+    return options

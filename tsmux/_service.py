@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ._auth import Credentials, readUpstreamCredentials
-from ._config import NETMAP_MAX_AGE, Config, DaemonConfig, Options
+from ._config import NETMAP_MAX_AGE, Config, DaemonConfig
 from ._configfile import ConfigError, loadConfigFile
 from ._context import ConnectionContext, SharedState
 from ._dialers import DirectDialer, LocalAPIDialer, SOCKS5Dialer
@@ -39,6 +39,7 @@ from ._localapi import LocalAPIAccess, LocalAPIClient, LocalAPIHealth
 from ._mux import MuxFactory
 from ._nc import NcDialer
 from ._netmap import NetmapWatcher, statusFetcher
+from ._options import Options
 from ._policy import AccessPolicy
 from ._record import ConnectionRecord, Outcome
 from ._rules import RuleSet
