@@ -17,12 +17,13 @@ from tsmux._configfile import loadConfigFile
 from tsmux._service import TsmuxService
 
 from ._fakes import CallerTransport, TestCaseMixinBase, capturedEvents
+from ._tsmuxprocess import shortDir
 
 
 class ReloadMixin(TestCaseMixinBase):
     def setUp(self) -> None:
-        self.directory = os.path.abspath(self.mktemp())
-        os.makedirs(self.directory)
+        # Short: trial's temporary directories are too deep for a Unix socket's path.
+        self.directory = shortDir(self)
         self.file = os.path.join(self.directory, "tsmux.toml")
         self.reactor = MemoryReactorClock()
         self.events = capturedEvents(self)

@@ -171,6 +171,21 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         self.assertIsNone(transport.producer)
         self.assertTrue(transport.disconnecting)
 
+    def test_resetAfterTheClientsEOFIsNoError(self) -> None:
+        """
+        A client that sent its EOF and then closed (curl, once it has a response's Content-Length)
+        meets a write as a reset: that is its normal end, not an error; a reset without its EOF is one.
+        """
+        for eofFirst, outcome in ((True, "ok"), (False, "error")):
+            transport = self.handshake()
+            upstream, upstreamTransport = connectedUpstream()
+            self.dialer.dials[-1][2].callback(upstream)
+            if eofFirst:
+                transport.protocol.readConnectionLost()
+            transport.protocol.connectionLost(Failure(ConnectionLost()))
+            upstreamTransport.protocol.connectionLost(DONE)
+            self.assertEqual(self.connectionLines()[-1]["outcome"], outcome, eofFirst)
+
     def test_bytesCountedWhenClientLeavesDuringDial(self) -> None:
         transport = self.handshake(extra=b"abc")
         transport.protocol.connectionLost(DONE)

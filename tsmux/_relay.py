@@ -252,9 +252,15 @@ class Relay:
         end.lost = True
         bothDone = self.client.readDone and self.upstream.readDone
         # Once both directions ended, a hang-up seen while closing (epoll reports it
-        # as a non-clean loss) is the normal end, not an error; a way out that says it
-        # failed is one whenever it says so.
-        if self.failure is None and not reason.check(ConnectionDone) and (not bothDone or reason.check(WayOutFailed)):
+        # as a non-clean loss) is the normal end, not an error; so is the reset of a peer
+        # that had already sent its EOF (it closed, and what was still being written to it
+        # met a closed socket: curl does that once it has a response's Content-Length). A
+        # way out that says it failed is an error whenever it says so.
+        if (
+            self.failure is None
+            and not reason.check(ConnectionDone)
+            and (not (bothDone or end.readDone) or reason.check(WayOutFailed))
+        ):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
             # Flush what the peer is owed, but not forever: a peer that stopped
