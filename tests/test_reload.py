@@ -198,3 +198,4 @@ class PasswordFilesTests(ReloadMixin, SynchronousTestCase):
         assert credentials is not None
         self.assertFalse(credentials.check(b"alice", b"oldpass"))
         self.assertTrue(credentials.check(b"alice", b"newpass"))
+        self.assertEqual(self.reload(service)["summary"], "1 socket, 0 rules; nothing changed", "read once more, same")

@@ -474,6 +474,7 @@ class TsmuxService(service.Service):
                 old.context.accepting = False
                 old.context = context
                 old.factory.context = context
+                old.secrets = readSecrets(context.config)
                 shared.contexts.append(context)
             else:
                 listener = SocketListener(context)
