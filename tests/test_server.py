@@ -171,20 +171,21 @@ class SOCKS5Tests(MuxTestMixin, SynchronousTestCase):
         self.assertIsNone(transport.producer)
         self.assertTrue(transport.disconnecting)
 
-    def test_resetAfterTheClientsEOFIsNoError(self) -> None:
+    def test_hangUpAfterTheWholeAnswerIsNoError(self) -> None:
         """
-        A client that sent its EOF and then closed (curl, once it has a response's Content-Length)
-        meets a write as a reset: that is its normal end, not an error; a reset without its EOF is one.
+        A client that hangs up once it has the whole answer and its EOF (curl, reported by epoll as a
+        hang-up, not an EOF) ends normally; one that hangs up while the answer still flows ends in error.
         """
-        for eofFirst, outcome in ((True, "ok"), (False, "error")):
+        for answerDone, outcome in ((True, "ok"), (False, "error")):
             transport = self.handshake()
             upstream, upstreamTransport = connectedUpstream()
             self.dialer.dials[-1][2].callback(upstream)
-            if eofFirst:
-                transport.protocol.readConnectionLost()
+            upstreamTransport.protocol.dataReceived(b"the answer")
+            if answerDone:
+                upstreamTransport.protocol.readConnectionLost()
             transport.protocol.connectionLost(Failure(ConnectionLost()))
             upstreamTransport.protocol.connectionLost(DONE)
-            self.assertEqual(self.connectionLines()[-1]["outcome"], outcome, eofFirst)
+            self.assertEqual(self.connectionLines()[-1]["outcome"], outcome, answerDone)
 
     def test_bytesCountedWhenClientLeavesDuringDial(self) -> None:
         transport = self.handshake(extra=b"abc")

@@ -251,15 +251,15 @@ class Relay:
             return
         end.lost = True
         bothDone = self.client.readDone and self.upstream.readDone
-        # Once both directions ended, a hang-up seen while closing (epoll reports it
-        # as a non-clean loss) is the normal end, not an error; so is the reset of a peer
-        # that had already sent its EOF (it closed, and what was still being written to it
-        # met a closed socket: curl does that once it has a response's Content-Length). A
-        # way out that says it failed is an error whenever it says so.
+        # A hang-up is the normal end once everything owed to that end was sent and its
+        # EOF forwarded (its peer's read side is done), both directions' ends included:
+        # the client that closes once it has the whole response (curl does) shows as a
+        # hang-up (epoll's HUP, not an EOF) about one time in ten. A way out that says it
+        # failed is an error whenever it says so.
         if (
             self.failure is None
             and not reason.check(ConnectionDone)
-            and (not (bothDone or end.readDone) or reason.check(WayOutFailed))
+            and (not (bothDone or end.peer.readDone) or reason.check(WayOutFailed))
         ):
             self.failure = reason
         if not end.peer.lost and end.peer.transport is not None:
