@@ -18,7 +18,7 @@ from tsmux._dialfilter import DialFilterRelay
 from tsmux._limits import ConnectionLimits
 from tsmux._mux import MuxFactory
 from tsmux._netmap import NetmapView
-from tsmux._rules import parseCallers, parseRule
+from tsmux._rules import RuleSet, parseCallers, parseRule
 from tsmux._socks5 import Reply, buildReply, buildRequest
 
 from ._fakes import (
@@ -186,6 +186,16 @@ class RuleDecisionTests(SocketMixin, SynchronousTestCase):
         transport = self.socks(ROOT, "[db-1", 443)
         self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED))
         self.assertIn("not a host the rules decide", self.lines()[0]["line"])
+
+    def test_unspecifiedAddressesAreNoHost(self) -> None:
+        """connect() takes 0.0.0.0 and :: (and 0, inet_aton's) for this host, past a deny of 127.0.0.0/8."""
+        self.context.config = replace(self.context.config, rules=rules({"deny": ["127.0.0.0/8:*"]}, {"allow": ["*:*"]}))
+        self.context.ruleSet = RuleSet("web", self.context.config.rules or ())
+        for host in ("0.0.0.0", "::", "0", "0x0"):
+            transport = self.socks(ROOT, host, 80)
+            self.assertEqual(transport.value(), b"\x05\x00" + buildReply(Reply.NOT_ALLOWED), host)
+        self.assertEqual(self.dialer.dials, [])
+        self.assertIn("0.0.0.0 and :: are not hosts the rules decide", self.lines()[0]["line"])
 
     def test_shortNumericFormIsDeniedByATagDeny(self) -> None:
         """0x64400005 is a name to tailscaled but 100.64.0.5 to libc: the deny of tag:prod stops it."""

@@ -223,11 +223,17 @@ class ConnectionContext:
                 ruleSet.endLabel,
                 "not a host the rules decide (brackets, a zone, or characters no dialer passes on)",
             )
+        target = parseTarget(host, port)
+        address = target.ip or target.shortForm
+        if address is not None and address.is_unspecified:
+            # 0.0.0.0 and :: are no host anywhere, but a socket connect() takes them for this host,
+            # past any deny of 127.0.0.0/8: nothing for rules to allow.
+            return RuleDecision(Verdict.DENY, ruleSet.endLabel, "0.0.0.0 and :: are not hosts the rules decide")
         netmap = self.netmap
         view = netmap.current() if netmap is not None else None
         whyNone = (netmap.whyNone() if netmap is not None else "tsmux reads no tailnet view") if view is None else ""
         tailscaledResolves = self.config.dialer.kind != "direct"
-        return ruleSet.decide(peer, parseTarget(host, port), view, whyNone, tailscaledResolves)
+        return ruleSet.decide(peer, target, view, whyNone, tailscaledResolves)
 
     def closeIdleRelays(self) -> None:
         """Close relays idle past the idle or half-close timeout, or lingering past L{tsmux._relay.LINGER}."""
