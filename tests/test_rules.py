@@ -20,7 +20,6 @@ from tsmux._peercred import PeerCredentials
 from tsmux._rules import (
     EVERYONE,
     CallerKind,
-    Destination,
     DestinationKind,
     RuleError,
     RuleSet,
@@ -31,7 +30,6 @@ from tsmux._rules import (
     parseDestination,
     parsePorts,
     parseRule,
-    parseRuleSet,
     parseTarget,
     tiedPeers,
 )
@@ -66,7 +64,7 @@ VIEW = NetmapView.fromStatus(STATUS, fetchedAt=0.0)
 
 
 def ruleSet(*tables: dict[str, Any], socket: str = "web") -> RuleSet:
-    return parseRuleSet(socket, list(tables))
+    return RuleSet(socket, tuple(parseRule(table, index) for index, table in enumerate(tables, 1)))
 
 
 def verdictOf(rules: RuleSet, host: str, port: int = 443, peer: PeerCredentials | None = ALICE) -> tuple[Verdict, str]:
@@ -337,10 +335,9 @@ class ParseRuleTests(SynchronousTestCase):
         self.assertBad(["allow"], "table")
 
     def test_ruleSet(self) -> None:
-        rules = parseRuleSet("web", [{"allow": ["*:443"]}, {"deny": ["tag:prod:*"]}])
+        rules = ruleSet({"allow": ["*:443"]}, {"deny": ["tag:prod:*"]})
         self.assertEqual(([r.index for r in rules.rules], rules.count, rules.socket), ([1, 2], 2, "web"))
-        self.assertRaises(RuleError, parseRuleSet, "web", {"allow": ["*:*"]})
-        error = self.assertRaises(RuleError, parseRuleSet, "web", [{"allow": ["*:*"]}, {"allow": ["x"]}])
+        error = self.assertRaises(RuleError, parseRule, {"allow": ["x"]}, 2)
         self.assertIn("rule #2", str(error))
 
     def test_needsNetmap(self) -> None:
@@ -532,13 +529,12 @@ class DecideTests(SynchronousTestCase):
         self.assertEqual(rules.decide(BOB, parseTarget("web", 1), None).verdict, Verdict.NO_NETMAP)
         self.assertEqual(rules.decide(None, parseTarget("web", 1), None).verdict, Verdict.ALLOW)
 
-    def test_destinationMatches(self) -> None:
-        destination: Destination = parseDestination("tag:prod:443")
-        self.assertIsNone(destination.matches(parseTarget("web", 443), None))
-        self.assertIs(destination.matches(parseTarget("web", 22), None), False)
-        self.assertIs(destination.matches(parseTarget("web", 443), VIEW), True)
-        self.assertIs(destination.matches(parseTarget("dev", 443), VIEW, allow=True), False)
-        self.assertIs(destination.matches(parseTarget("dev", 443), VIEW, allow=False), True)
+    def test_portsFirstThenTheView(self) -> None:
+        """A destination whose port does not match needs no view; one whose port matches asks the view."""
+        allow = ruleSet({"allow": ["tag:prod:443"]})
+        self.assertEqual(allow.decide(ALICE, parseTarget("web", 443), None).verdict, Verdict.NO_NETMAP)
+        self.assertEqual(allow.decide(ALICE, parseTarget("web", 22), None).label, "web#end")
+        self.assertEqual(verdictOf(allow, "web", 443), (Verdict.ALLOW, "web#1"))
 
 
 TEXT_ALPHABET = st.sampled_from(list("0123456789abcdefxABCDEFX.:/[]*@-_,%tagroupsuerid \x00é٣"))

@@ -446,18 +446,6 @@ class Destination:
                 return True
         return False
 
-    def matches(self, target: Target, view: NetmapView | None, allow: bool = True) -> bool | None:
-        """
-        Does C{target} match, for an allow or a deny rule?  C{None} when it
-        cannot be told without the view and C{view} is C{None}.
-        """
-        if not self.ports.matches(target.port):
-            return False
-        matched = self.matchesTarget(target)
-        if matched is None:
-            return self.matchesPeers(tiedPeers(target, view, dialable=allow), allow)
-        return matched
-
 
 def _hostName(text: str, destination: str) -> str:
     """C{text} as a plausible DNS name: lowercased, without its trailing dot."""
@@ -794,14 +782,3 @@ class RuleSet:
         if False not in ties:
             ties[False] = tiedPeers(target, view)
         return ties[False] or ()
-
-
-def parseRuleSet(socket: str, tables: Any) -> RuleSet:
-    """
-    Read a socket's list of rule tables (an empty list: no rules, all open).
-
-    @raise RuleError: not a list, or a bad rule in it.
-    """
-    if not isinstance(tables, (list, tuple)):
-        raise RuleError(f"the rules of socket {socket} must be a list of tables, not {type(tables).__name__}")
-    return RuleSet(socket, tuple(parseRule(table, index) for index, table in enumerate(tables, 1)))
